@@ -1,0 +1,76 @@
+"""bgqueue: the background-task model of Apple's BackgroundTasks and HarmonyOS's
+Background Tasks Kit, as a distributed job queue on Celery + Redis."""
+
+from bgqueue.app import BackgroundApp
+from bgqueue.errors import (
+    BackgroundTaskError,
+    ContinuousTaskVerificationFailed,
+    EfficiencyResourceVerificationFailed,
+    ImmediateRunIneligible,
+    NotPermitted,
+    NotSystemApp,
+    ParameterError,
+    PermissionDenied,
+    ServiceError,
+    StartWorkFailed,
+    TooManyPendingTaskRequests,
+    TransientTaskCallerVerificationFailed,
+    TransientTaskVerificationFailed,
+    Unavailable,
+    WorkInfoCheckFailed,
+)
+from bgqueue.limits import Limits
+from bgqueue.modes import BackgroundMode
+from bgqueue.requests import (
+    AppRefreshTaskRequest,
+    BGTaskRequest,
+    ContinuedProcessingStrategy,
+    ContinuedProcessingTaskRequest,
+    FileProtectionType,
+    HealthResearchTaskRequest,
+    ProcessingTaskRequest,
+    TaskRecord,
+)
+from bgqueue.tasks import (
+    AppRefreshTask,
+    BGTask,
+    ContinuedProcessingTask,
+    HealthResearchTask,
+    ProcessingTask,
+    Progress,
+)
+
+__all__ = [
+    "AppRefreshTask",
+    "AppRefreshTaskRequest",
+    "BGTask",
+    "BGTaskRequest",
+    "BackgroundApp",
+    "BackgroundMode",
+    "BackgroundTaskError",
+    "ContinuedProcessingStrategy",
+    "ContinuedProcessingTask",
+    "ContinuedProcessingTaskRequest",
+    "ContinuousTaskVerificationFailed",
+    "EfficiencyResourceVerificationFailed",
+    "FileProtectionType",
+    "HealthResearchTask",
+    "HealthResearchTaskRequest",
+    "ImmediateRunIneligible",
+    "Limits",
+    "NotPermitted",
+    "NotSystemApp",
+    "ParameterError",
+    "PermissionDenied",
+    "ProcessingTask",
+    "ProcessingTaskRequest",
+    "Progress",
+    "ServiceError",
+    "StartWorkFailed",
+    "TaskRecord",
+    "TooManyPendingTaskRequests",
+    "TransientTaskCallerVerificationFailed",
+    "TransientTaskVerificationFailed",
+    "Unavailable",
+    "WorkInfoCheckFailed",
+]

@@ -1,0 +1,199 @@
+"""`BackgroundApp`: one tenant's namespace, its permitted identifiers and handlers.
+
+Creating an app connects to nothing; the broker is resolved and reached on first
+use, so importing a module that defines an app is always safe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import redis
+
+from bgqueue import keys
+from bgqueue.broker import connect, resolve_broker_url
+from bgqueue.conditions import satisfies
+from bgqueue.errors import NotPermitted, ParameterError
+from bgqueue.limits import Limits
+from bgqueue.modes import BackgroundMode
+from bgqueue.requests import check_name
+from bgqueue.scheduler import Scheduler
+from bgqueue.scripts import Scripts
+from bgqueue.settings import Settings
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+class BackgroundApp:
+    """A background app: producers submit through `scheduler`, workers run `register`ed handlers."""
+
+    def __init__(
+        self,
+        app_id: str,
+        *,
+        permitted_identifiers: Iterable[str] = (),
+        background_modes: Iterable[BackgroundMode] = (),
+        system: bool = False,
+        broker_url: str | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        check_name(app_id, "app_id")
+        if "{" in app_id or "}" in app_id:
+            raise ParameterError(f"app_id {app_id!r} must not contain braces (they tag Redis keys)")
+        if isinstance(permitted_identifiers, str):
+            raise ParameterError(
+                "permitted_identifiers must be a list of identifiers, not a string"
+            )
+        self.app_id = app_id
+        self.permitted_identifiers = tuple(
+            check_name(p, "permitted identifier") for p in permitted_identifiers
+        )
+        try:
+            self.background_modes = frozenset(BackgroundMode(m) for m in background_modes)
+        except ValueError as exc:
+            raise ParameterError(f"unknown background mode: {exc}") from None
+        if not isinstance(system, bool):
+            raise ParameterError(f"system must be True or False, got {system!r}")
+        self.system = system
+        if broker_url is not None and not isinstance(broker_url, str):
+            raise ParameterError("broker_url must be a URL string or None")
+        self._broker_url = broker_url
+        if limits is not None and not isinstance(limits, Limits):
+            raise ParameterError("limits must be a bgqueue.Limits")
+        self.limits = limits or Limits()
+        self.settings = Settings.from_env()
+        self.keys = keys.AppKeys(app_id)
+        self.handlers: dict[str, Callable[..., Any]] = {}
+        self._client: redis.Redis | None = None
+        self._client_pid = 0
+        self._scripts: Scripts | None = None
+        self._celery: Any = None
+        self._announced = False
+        self.scheduler = Scheduler(self, "default")
+
+    def __repr__(self) -> str:
+        return f"BackgroundApp({self.app_id!r})"
+
+    # -- connection ---------------------------------------------------------
+
+    def use_broker(self, url: str) -> None:
+        """Point the app at another broker before it connects (the CLI's --broker)."""
+        if self._client is not None:
+            raise ParameterError("use_broker must be called before the app connects")
+        self._broker_url = url
+
+    @property
+    def broker_url(self) -> str:
+        """The broker in use: the argument, else BGQUEUE_BROKER_URL, else the embedded Redis."""
+        if self._broker_url is None:
+            self._broker_url = resolve_broker_url(None)
+        return self._broker_url
+
+    @property
+    def client(self) -> Any:
+        """This process's Redis client (made again after a fork).
+
+        Typed Any: redis-py annotates sync results as `Awaitable | Any`, which mypy cannot use.
+        """
+        if self._client is None or self._client_pid != os.getpid():
+            self._client = connect(self.broker_url)
+            self._client_pid = os.getpid()
+            self._scripts = None
+        return self._client
+
+    @property
+    def scripts(self) -> Scripts:
+        """The Lua scripts bound to `client`."""
+        client = self.client
+        if self._scripts is None:
+            self._scripts = Scripts(client)
+        return self._scripts
+
+    def call(
+        self, script: str, script_keys: Sequence[str], args: Sequence[Any], wake: bool = False
+    ) -> Any:
+        """Run one Lua script; with `wake`, also wake beat in the same round trip."""
+        if not wake:
+            return getattr(self.scripts, script)(keys=script_keys, args=args)
+        with self.client.pipeline(transaction=False) as pipe:
+            getattr(self.scripts, script)(keys=script_keys, args=args, client=pipe)
+            self.add_wake(pipe)
+            return pipe.execute()[0]
+
+    def add_wake(self, pipe: Any) -> None:
+        """Queue on `pipe` the commands that wake beat (and make this app known to it)."""
+        if not self._announced:
+            pipe.sadd(keys.APPS, self.app_id)
+            self._announced = True
+        pipe.lpush(keys.BEAT_WAKE, self.app_id)
+        pipe.ltrim(keys.BEAT_WAKE, 0, 0)
+
+    # -- scopes and identifiers ---------------------------------------------
+
+    def scheduler_for(self, scope: str) -> Scheduler:
+        """The scheduler of another scope (a 'device'): its own pending set and budgets."""
+        return Scheduler(self, scope)
+
+    def is_permitted(self, identifier: str) -> bool:
+        """Whether an identifier is permitted; a trailing '*' permits a prefix."""
+        for pattern in self.permitted_identifiers:
+            if pattern.endswith("*") and identifier.startswith(pattern[:-1]):
+                return True
+            if identifier == pattern:
+                return True
+        return False
+
+    def register(self, identifier: str) -> Callable[[Handler], Handler]:
+        """Decorator: the launch handler of an identifier, run by workers with a task object."""
+        check_name(identifier, "identifier")
+        if not self.is_permitted(identifier):
+            raise NotPermitted(f"cannot register {identifier!r}: not a permitted identifier")
+        if identifier in self.handlers:
+            raise ParameterError(f"a launch handler for {identifier!r} is already registered")
+
+        def decorator(handler: Handler) -> Handler:
+            if not callable(handler):
+                raise ParameterError("a launch handler must be callable")
+            self.handlers[identifier] = handler
+            if self._celery is not None:
+                from bgqueue.worker import add_celery_task
+
+                add_celery_task(self, identifier)
+            return handler
+
+        return decorator
+
+    @property
+    def celery(self) -> Any:
+        """The Celery app that runs this app's handlers (`celery -A module:app.celery worker`)."""
+        if self._celery is None:
+            from bgqueue.worker import make_celery
+
+            self._celery = make_celery(self)
+        return self._celery
+
+    # -- workers --------------------------------------------------------------
+
+    def live_workers(self) -> dict[str, dict[str, Any]]:
+        """Heartbeats of the workers alive now, by name."""
+        return {name: beat for name, (alive, beat) in self.workers().items() if alive}
+
+    def workers(self) -> dict[str, tuple[bool, dict[str, Any]]]:
+        """Every recently seen worker: (alive, heartbeat) by name."""
+        forget_ms = int(self.settings.heartbeat_timeout * 1000 * 60)
+        raw = self.call("workers", [self.keys.workers, self.keys.alive], [forget_ms])
+        now = int(raw[0])
+        result: dict[str, tuple[bool, dict[str, Any]]] = {}
+        for i in range(1, len(raw), 3):
+            result[raw[i].decode()] = (float(raw[i + 1]) > now, json.loads(raw[i + 2]))
+        return result
+
+    def has_free_worker(self, profile: int) -> bool:
+        """Whether a live worker satisfying this profile has an idle slot now."""
+        return any(
+            satisfies(beat["conditions"], profile) and beat["busy"] < beat["concurrency"]
+            for beat in self.live_workers().values()
+        )

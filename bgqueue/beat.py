@@ -1,0 +1,239 @@
+"""Beat: releases due requests to workers that can run them.
+
+One beat leads at a time, by a renewed lease in Redis; standbys wait to take
+over. The leader sleeps until the next due time or until a submit, a worker's
+arrival or a sweep wakes it; there is no fixed polling of the due sets. Claims are
+atomic per request (claim.lua), so even two leaders at once dispatch each
+request once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+
+from bgqueue import keys
+from bgqueue.broker import connect
+from bgqueue.celery_config import celery_config
+from bgqueue.conditions import profiles
+from bgqueue.scripts import Scripts
+from bgqueue.settings import Settings
+
+log = logging.getLogger("bgqueue.beat")
+
+MAX_SLEEP = 5.0  # stays under the client's socket timeout while blocked in BLPOP
+
+
+@dataclass
+class Claimed:
+    """A request claimed for dispatch, ready to publish."""
+
+    member: str
+    gen: int
+    profile: int
+
+
+class Beat:
+    """The dispatcher process. `run()` blocks until `stop()`."""
+
+    def __init__(self, broker_url: str, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        # Any: redis-py annotates sync results as `Awaitable | Any`, which mypy cannot use.
+        self.client: Any = connect(broker_url)
+        self.scripts = Scripts(self.client)
+        self.celery = Celery("bgqueue-beat", set_as_current=False)
+        self.celery.conf.update(celery_config(broker_url))
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stopping = threading.Event()
+        self.offset = 0.0  # server clock minus local clock, seconds
+        self.dispatched = 0
+
+    # -- leadership -----------------------------------------------------------
+
+    def _lease(self, ms: int) -> bool:
+        return bool(self.scripts.lease(keys=[keys.BEAT_LEASE], args=[self.token, ms]))
+
+    def run(self) -> None:
+        """Lead when the lease is free, stand by otherwise, until stopped."""
+        lease_ms = int(self.settings.beat_lease * 1000)
+        try:
+            while not self.stopping.is_set():
+                if self._lease(lease_ms):
+                    log.info("beat %s leads", self.token)
+                    self._lead()
+                    log.info("beat %s no longer leads", self.token)
+                else:
+                    self.stopping.wait(self.settings.beat_lease / 3)
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                self._lease(0)
+
+    def stop(self) -> None:
+        """Ask `run` to return; it releases the lease on the way out."""
+        self.stopping.set()
+
+    def _lead(self) -> None:
+        renew_every = self.settings.beat_lease / 3
+        renew_at = time.monotonic() + renew_every
+        sweep_at = 0.0
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if now >= renew_at:
+                if not self._lease(int(self.settings.beat_lease * 1000)):
+                    return
+                renew_at = now + renew_every
+            if now >= sweep_at:
+                self.sweep()
+                sweep_at = now + self.settings.sweep_interval
+            next_due = self.dispatch()
+            timeout = min(next_due, sweep_at - now, renew_at - now, MAX_SLEEP)
+            if timeout > 0.001:
+                self.client.blpop([keys.BEAT_WAKE], timeout=timeout)
+
+    # -- dispatch -------------------------------------------------------------
+
+    def server_ms(self) -> int:
+        """Now on the Redis server's clock, the one every lease and due time uses."""
+        return int((time.time() + self.offset) * 1000)
+
+    def apps(self) -> list[keys.AppKeys]:
+        """Keys of every app that has submitted or run work on this broker."""
+        return [keys.AppKeys(raw.decode()) for raw in sorted(self.client.smembers(keys.APPS))]
+
+    def dispatch(self) -> float:
+        """Dispatch everything due and runnable; seconds until the next due request."""
+        next_due = float("inf")
+        for app in self.apps():
+            next_due = min(next_due, self._dispatch_app(app))
+        return next_due
+
+    def eligible_profiles(self, app: keys.AppKeys) -> set[int]:
+        """Profiles some live worker of the app satisfies."""
+        forget_ms = int(self.settings.heartbeat_timeout * 1000 * 60)
+        raw = self.scripts.workers(keys=[app.workers, app.alive], args=[forget_ms])
+        now = int(raw[0])
+        self.offset = now / 1000 - time.time()
+        found: set[int] = set()
+        for i in range(1, len(raw), 3):
+            if float(raw[i + 1]) > now:
+                found.update(profiles(json.loads(raw[i + 2])["conditions"]))
+        return found
+
+    def _dispatch_app(self, app: keys.AppKeys) -> float:
+        eligible = sorted(self.eligible_profiles(app))
+        batch = self.settings.claim_batch
+        while eligible:
+            with self.client.pipeline(transaction=False) as pipe:
+                for profile in eligible:
+                    pipe.zrange(app.due(profile), 0, batch - 1, withscores=True)
+                heads = pipe.execute()
+            now = self.server_ms()
+            next_due = float("inf")
+            full: list[int] = []
+            for profile, head in zip(eligible, heads, strict=True):
+                due = [m.decode() for m, score in head if score <= now]
+                if len(due) < len(head):
+                    next_due = min(next_due, (head[len(due)][1] - now) / 1000)
+                if due:
+                    self._claim_and_publish(app, profile, due)
+                if len(due) == batch:
+                    full.append(profile)
+            if not full:
+                return next_due
+            eligible = full  # more may be due behind a full batch
+        return float("inf")
+
+    def _claim_and_publish(self, app: keys.AppKeys, profile: int, members: list[str]) -> None:
+        script_keys = [app.due(profile), app.leases, app.seq]
+        script_keys += [app.requests(keys.split_member(m)[0]) for m in members]
+        claim_ms = int(self.settings.claim_lease * 1000)
+        raw = self.scripts.claim(keys=script_keys, args=[claim_ms, *members])
+        self.publish(app, _claimed(raw))
+
+    def publish(self, app: keys.AppKeys, claimed: list[Claimed]) -> None:
+        """Send each claimed request to its profile's queue, then extend its lease."""
+        if not claimed:
+            return
+        with self.celery.producer_or_acquire() as producer:
+            for item in claimed:
+                scope, identifier = keys.split_member(item.member)
+                self.celery.send_task(
+                    identifier,
+                    kwargs={"scope": scope, "gen": item.gen, "profile": item.profile},
+                    queue=app.queue(item.profile),
+                    producer=producer,
+                )
+        until = self.server_ms() + int(self.settings.dispatch_lease * 1000)
+        self.client.zadd(app.leases, {item.member: until for item in claimed}, xx=True)
+        self.dispatched += len(claimed)
+
+    # -- recovery -------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Publish again what was claimed but not delivered; requeue runs whose lease lapsed."""
+        for app in self.apps():
+            self._sweep_dispatches(app)
+            self._sweep_runs(app)
+
+    def _sweep_dispatches(self, app: keys.AppKeys) -> None:
+        batch = self.settings.claim_batch
+        lapsed = self.client.zrangebyscore(app.leases, "-inf", self.server_ms(), start=0, num=batch)
+        if not lapsed:
+            return
+        members = [m.decode() for m in lapsed]
+        script_keys = [app.leases] + [app.requests(keys.split_member(m)[0]) for m in members]
+        claim_ms = int(self.settings.claim_lease * 1000)
+        claimed = _claimed(self.scripts.lapsed(keys=script_keys, args=[claim_ms, *members]))
+        if claimed:
+            log.warning("publishing %d lapsed dispatch(es) of %s again", len(claimed), app.app_id)
+        self.publish(app, claimed)
+
+    def _sweep_runs(self, app: keys.AppKeys) -> None:
+        batch = self.settings.claim_batch
+        lapsed = self.client.zrangebyscore(
+            app.runleases, "-inf", self.server_ms(), start=0, num=batch
+        )
+        for gen in lapsed:
+            raw = self.client.hget(app.running, gen)
+            if raw is None:
+                self.client.zrem(app.runleases, gen)
+                continue
+            record: dict[str, Any] = json.loads(raw)
+            scope = record["sc"]
+            script_keys = [
+                app.running,
+                app.runleases,
+                app.history(scope),
+                app.requests(scope),
+                app.due(record["r"]),
+                app.expire,
+            ]
+            args = [gen, self.settings.history_limit, self.settings.max_attempts]
+            outcome = self.scripts.recover(keys=script_keys, args=args)
+            if outcome:
+                log.warning(
+                    "run %s of %s/%s lost its worker %s: %s",
+                    gen.decode(),
+                    scope,
+                    record["i"],
+                    record["w"],
+                    "requeued" if outcome == 1 else "not requeued",
+                )
+
+
+def _claimed(raw: list[Any]) -> list[Claimed]:
+    return [
+        Claimed(raw[i].decode(), int(raw[i + 1]), int(json.loads(raw[i + 2])["r"]))
+        for i in range(0, len(raw), 3)
+    ]

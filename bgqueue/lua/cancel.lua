@@ -1,0 +1,45 @@
+-- Cancel not-yet-started requests of one scope (pending or dispatched). A dispatched
+-- request's message may still reach a worker; it finds no record and is skipped,
+-- which is why cancel is durable where Celery's revoke is not.
+--
+-- KEYS[1..16]  due:<profile> sorted sets, profiles 0..15 in order
+-- KEYS[17]     leases
+-- KEYS[18]     req:<scope>
+-- KEYS[19]     history:<scope>
+-- ARGV[1]      scope
+-- ARGV[2]      history length cap
+-- ARGV[3..]    identifiers to cancel; none means every request of the scope
+-- Returns the number of requests cancelled.
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local scope, key = ARGV[1], KEYS[18]
+
+local ids = {}
+if #ARGV > 2 then
+  for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+else
+  for _, field in ipairs(redis.call('HKEYS', key)) do
+    if string.sub(field, 1, 1) ~= '#' then ids[#ids + 1] = field end
+  end
+end
+
+local cancelled = 0
+for _, id in ipairs(ids) do
+  local raw = redis.call('HGET', key, id)
+  if raw then
+    local rec = cjson.decode(raw)
+    local m = scope .. '\31' .. id
+    redis.call('ZREM', KEYS[rec['r'] + 1], m)
+    redis.call('ZREM', KEYS[17], m)
+    redis.call('HDEL', key, id)
+    local class = rec['k'] == 'refresh' and '#refresh' or '#processing'
+    redis.call('HINCRBY', key, class, -1)
+    redis.call('LPUSH', KEYS[19], cjson.encode({
+      i = id, sc = scope, k = rec['k'], s = 'cancelled', ok = false,
+      fa = now, g = rec['g'] or 0, a = rec['a'], why = 'cancelled by the producer'}))
+    cancelled = cancelled + 1
+  end
+end
+if cancelled > 0 then redis.call('LTRIM', KEYS[19], 0, tonumber(ARGV[2]) - 1) end
+return cancelled

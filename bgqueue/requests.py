@@ -1,0 +1,307 @@
+"""Task requests: what a producer asks for (Apple's BGTaskRequest family).
+
+A request is plain data with a kind, an identifier, a not-before date, requirement
+flags and a JSON payload. `to_record`/`from_record` are the only place that knows
+how a request is laid out in Redis, so the Lua scripts and Python agree on one shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+from typing import Any, ClassVar
+
+from bgqueue.errors import ParameterError
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_NAME_LENGTH = 200
+
+
+class FileProtectionType(StrEnum):
+    """Data a worker must be able to open, weakest first (Apple's NSFileProtectionType)."""
+
+    NONE = "none"
+    COMPLETE_UNTIL_FIRST_USER_AUTHENTICATION = "complete_until_first_user_authentication"
+    COMPLETE_UNLESS_OPEN = "complete_unless_open"
+    COMPLETE = "complete"
+
+    @property
+    def level(self) -> int:
+        """Rank in the ordering: a worker that opens level n opens every level below."""
+        return list(FileProtectionType).index(self)
+
+
+class ContinuedProcessingStrategy(StrEnum):
+    """What a continued-processing request does when it cannot start now."""
+
+    FAIL = "fail"
+    QUEUE = "queue"
+
+
+class Kind(StrEnum):
+    """Task kinds; each has its own time budget."""
+
+    REFRESH = "refresh"
+    PROCESSING = "processing"
+    HEALTH_RESEARCH = "health_research"
+    CONTINUED_PROCESSING = "continued_processing"
+
+
+class State(StrEnum):
+    """Life of a request: pending → dispatched → running → one of the ends."""
+
+    PENDING = "pending"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+class Requirement(IntEnum):
+    """Bits of a requirement profile; see `profile`."""
+
+    NETWORK = 1
+    EXTERNAL_POWER = 2
+
+
+PROFILE_COUNT = 16  # network × power × four protection levels
+
+
+def check_name(value: object, what: str) -> str:
+    """A printable identifier or scope name, or ParameterError saying what is wrong."""
+    if not isinstance(value, str):
+        raise ParameterError(f"{what} must be a string, got {type(value).__name__}")
+    if not 0 < len(value) <= MAX_NAME_LENGTH:
+        raise ParameterError(f"{what} must be 1 to {MAX_NAME_LENGTH} characters, got {len(value)}")
+    # Reserved: names starting with '#' are bookkeeping fields in the scope's hash.
+    if value.startswith("#") or not value.isprintable() or any(c.isspace() for c in value):
+        raise ParameterError(f"{what} {value!r} must be printable, without spaces or a leading '#'")
+    return value
+
+
+def encode_payload(payload: Any) -> str:
+    """The payload as compact JSON text; anything JSON cannot carry is a ParameterError."""
+    try:
+        text = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ParameterError(f"payload must be JSON-serialisable: {exc}") from None
+    if len(text.encode()) > MAX_PAYLOAD_BYTES:
+        raise ParameterError(
+            f"payload is {len(text)} bytes of JSON; the limit is {MAX_PAYLOAD_BYTES}"
+        )
+    return text
+
+
+def to_ms(moment: datetime) -> int:
+    """Milliseconds since the epoch of an aware datetime."""
+    return math.ceil(moment.timestamp() * 1000)
+
+
+def from_ms(ms: int | float | None) -> datetime | None:
+    """An aware UTC datetime from epoch milliseconds (None stays None)."""
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _check_bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ParameterError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+@dataclass
+class BGTaskRequest:
+    """Base of every request: identifier, not-before date, requirement flags, payload.
+
+    `earliest_begin_date=None` means "as soon as a capable worker is free".
+    """
+
+    identifier: str
+    earliest_begin_date: datetime | None = None
+    requires_network_connectivity: bool = False
+    requires_external_power: bool = False
+    payload: Any = None
+
+    kind: ClassVar[Kind] = Kind.PROCESSING
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ParameterError for anything a submit would refuse (requests are mutable)."""
+        if type(self) is BGTaskRequest:
+            raise ParameterError("BGTaskRequest is abstract; use one of its request kinds")
+        check_name(self.identifier, "identifier")
+        date = self.earliest_begin_date
+        if date is not None:
+            if not isinstance(date, datetime):
+                raise ParameterError(f"earliest_begin_date must be a datetime, got {date!r}")
+            if date.tzinfo is None or date.utcoffset() is None:
+                raise ParameterError("earliest_begin_date must be timezone-aware (e.g. tz=UTC)")
+        _check_bool(self.requires_network_connectivity, "requires_network_connectivity")
+        _check_bool(self.requires_external_power, "requires_external_power")
+        encode_payload(self.payload)
+
+    @property
+    def protection_level(self) -> int:
+        """Data protection a worker must open; only health research asks for one."""
+        return 0
+
+    @property
+    def profile(self) -> int:
+        """The requirement profile (0–15): network bit, power bit, protection level."""
+        bits = Requirement.NETWORK if self.requires_network_connectivity else 0
+        bits |= Requirement.EXTERNAL_POWER if self.requires_external_power else 0
+        return int(bits) | self.protection_level << 2
+
+    def to_record(self) -> dict[str, Any]:
+        """The Redis record of this request while it waits (see lua/submit.lua)."""
+        record: dict[str, Any] = {
+            "k": str(self.kind),
+            "s": str(State.PENDING),
+            "e": 0 if self.earliest_begin_date is None else to_ms(self.earliest_begin_date),
+            "r": self.profile,
+            "pl": encode_payload(self.payload),
+            "a": 0,
+        }
+        record.update(self._extra_record())
+        return record
+
+    def _extra_record(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class AppRefreshTaskRequest(BGTaskRequest):
+    """A short refresh (Apple's BGAppRefreshTaskRequest), about 30 s of budget."""
+
+    kind: ClassVar[Kind] = Kind.REFRESH
+
+
+@dataclass
+class ProcessingTaskRequest(BGTaskRequest):
+    """Minutes of maintenance work (Apple's BGProcessingTaskRequest)."""
+
+    kind: ClassVar[Kind] = Kind.PROCESSING
+
+
+@dataclass
+class HealthResearchTaskRequest(ProcessingTaskRequest):
+    """Processing for a health study, needing a worker that can open protected data."""
+
+    protection_type_of_required_data: FileProtectionType = FileProtectionType.COMPLETE
+
+    kind: ClassVar[Kind] = Kind.HEALTH_RESEARCH
+
+    def validate(self) -> None:
+        """As the base, plus a known FileProtectionType."""
+        super().validate()
+        try:
+            self.protection_type_of_required_data = FileProtectionType(
+                self.protection_type_of_required_data
+            )
+        except ValueError:
+            raise ParameterError(
+                f"protection_type_of_required_data must be a FileProtectionType, "
+                f"got {self.protection_type_of_required_data!r}"
+            ) from None
+
+    @property
+    def protection_level(self) -> int:
+        """The level of `protection_type_of_required_data`."""
+        return FileProtectionType(self.protection_type_of_required_data).level
+
+    def _extra_record(self) -> dict[str, Any]:
+        return {}  # the protection level lives in the profile bits
+
+
+@dataclass
+class ContinuedProcessingTaskRequest(BGTaskRequest):
+    """User-visible work that starts now (or queues) and must keep reporting progress."""
+
+    title: str = ""
+    subtitle: str = ""
+    strategy: ContinuedProcessingStrategy = ContinuedProcessingStrategy.FAIL
+
+    kind: ClassVar[Kind] = Kind.CONTINUED_PROCESSING
+
+    def validate(self) -> None:
+        """As the base, plus title, subtitle and a known strategy; no future start date."""
+        super().validate()
+        for name in ("title", "subtitle"):
+            if not isinstance(getattr(self, name), str):
+                raise ParameterError(f"{name} must be a string")
+        try:
+            self.strategy = ContinuedProcessingStrategy(self.strategy)
+        except ValueError:
+            raise ParameterError(
+                f"strategy must be a ContinuedProcessingStrategy, got {self.strategy!r}"
+            ) from None
+
+    def _extra_record(self) -> dict[str, Any]:
+        return {"ti": self.title, "su": self.subtitle, "sg": str(self.strategy)}
+
+
+REQUEST_CLASSES: dict[Kind, type[BGTaskRequest]] = {
+    Kind.REFRESH: AppRefreshTaskRequest,
+    Kind.PROCESSING: ProcessingTaskRequest,
+    Kind.HEALTH_RESEARCH: HealthResearchTaskRequest,
+    Kind.CONTINUED_PROCESSING: ContinuedProcessingTaskRequest,
+}
+
+
+def from_record(identifier: str, record: dict[str, Any]) -> BGTaskRequest:
+    """A fresh request object (a copy) rebuilt from its Redis record."""
+    kind = Kind(record["k"])
+    profile = int(record["r"])
+    kwargs: dict[str, Any] = {
+        "identifier": identifier,
+        "earliest_begin_date": from_ms(record["e"]) if record["e"] else None,
+        "requires_network_connectivity": bool(profile & Requirement.NETWORK),
+        "requires_external_power": bool(profile & Requirement.EXTERNAL_POWER),
+        "payload": json.loads(record["pl"]),
+    }
+    if kind is Kind.HEALTH_RESEARCH:
+        kwargs["protection_type_of_required_data"] = list(FileProtectionType)[profile >> 2]
+    if kind is Kind.CONTINUED_PROCESSING:
+        kwargs.update(title=record["ti"], subtitle=record["su"], strategy=record["sg"])
+    return REQUEST_CLASSES[kind](**kwargs)
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One finished (or cancelled) run, newest first in `Scheduler.history`."""
+
+    identifier: str
+    scope: str
+    kind: str
+    state: str
+    success: bool
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker: str | None
+    attempt: int = 1
+    request_id: int = 0
+    reason: str = field(default="")
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> TaskRecord:
+        """Decode one history entry as written by the Lua scripts."""
+        data = json.loads(raw)
+        return cls(
+            identifier=data["i"],
+            scope=data["sc"],
+            kind=data["k"],
+            state=data["s"],
+            success=bool(data.get("ok", False)),
+            started_at=from_ms(data.get("sa")),
+            finished_at=from_ms(data.get("fa")),
+            worker=data.get("w") or None,
+            attempt=int(data.get("a", 0)) + 1,
+            request_id=int(data.get("g", 0)),
+            reason=data.get("why", ""),
+        )

@@ -1,0 +1,220 @@
+"""Running one request inside a worker's pool process, under its time budget.
+
+The body runs in the pool process's main thread; a watchdog thread renews the run's
+lease, calls the expiration handler before the deadline, and terminates a body that
+overruns it. Terminating means killing the pool process: Python cannot stop a
+thread, and Celery's prefork pool replaces a lost process by itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from bgqueue import conditions
+from bgqueue.requests import Kind, State
+from bgqueue.tasks import TASK_CLASSES, BGTask, ContinuedProcessingTask
+
+if TYPE_CHECKING:
+    from bgqueue.app import BackgroundApp
+
+log = logging.getLogger("bgqueue.runtime")
+
+
+class TaskTerminated(BaseException):
+    """Raised into a body that overran its deadline where its process cannot be killed."""
+
+
+@dataclass
+class WorkerContext:
+    """What a pool process knows of its worker; set in the worker's main process before
+    the pool forks, so every pool process inherits it."""
+
+    name: str = "worker"
+    overrides: dict[str, str] = field(default_factory=dict)
+    # True in prefork pool processes, where killing the process is how a body is stopped.
+    pool_process: bool = False
+    _probed: dict[str, str] = field(default_factory=dict)
+    _probed_at: float = 0.0
+
+    def conditions(self, max_age: float) -> dict[str, str]:
+        """Current conditions, probed at most every `max_age` seconds."""
+        if time.monotonic() - self._probed_at > max_age:
+            self._probed = conditions.current(self.overrides)
+            self._probed_at = time.monotonic()
+        return self._probed
+
+
+context = WorkerContext()
+
+
+def budget_of(app: BackgroundApp, kind: Kind) -> float:
+    """Seconds a task of this kind may run (continued processing: its stall window)."""
+    limits = app.limits
+    return {
+        Kind.REFRESH: limits.refresh_time_budget,
+        Kind.PROCESSING: limits.processing_time_budget,
+        Kind.HEALTH_RESEARCH: limits.health_research_time_budget,
+        Kind.CONTINUED_PROCESSING: limits.continued_processing_stall,
+    }[kind]
+
+
+def execute(
+    app: BackgroundApp, identifier: str, scope: str, gen: int, profile: int
+) -> dict[str, Any]:
+    """Run one dispatched request if its message is current; returns a summary for Celery."""
+    settings = app.settings
+    if not conditions.satisfies(context.conditions(settings.heartbeat_interval), profile):
+        req_keys = [app.keys.requests(scope), app.keys.leases, app.keys.due(profile)]
+        app.call("release", req_keys, [scope, identifier, gen], wake=True)
+        return {"outcome": "released", "reason": "requirements no longer hold on this worker"}
+    start_keys = [app.keys.requests(scope), app.keys.leases, app.keys.running, app.keys.runleases]
+    lease_ms = int(settings.heartbeat_timeout * 1000)
+    raw = app.call("start", start_keys, [scope, identifier, gen, context.name, lease_ms])
+    if raw is None:
+        return {"outcome": "stale"}
+    record = json.loads(raw)
+    kind = Kind(record["k"])
+    task_args = (identifier, scope, json.loads(record["pl"]), gen, int(record["a"]) + 1)
+    if kind is Kind.CONTINUED_PROCESSING:
+        task: BGTask = ContinuedProcessingTask(
+            *task_args, title=record["ti"], subtitle=record["su"]
+        )
+    else:
+        task = TASK_CLASSES[kind](*task_args)
+    return Run(app, task, kind, gen).execute(app.handlers[identifier])
+
+
+class Run:
+    """One run of a handler: its outcome is recorded exactly once, by whoever ends it first."""
+
+    def __init__(self, app: BackgroundApp, task: BGTask, kind: Kind, gen: int) -> None:
+        self.app = app
+        self.task = task
+        self.kind = kind
+        self.gen = gen
+        self.outcome: tuple[str, bool] | None = None
+        self._lock = threading.Lock()
+        self._returned = threading.Event()
+        self._body_thread = threading.get_ident()
+        task.on_completed = self._completed
+
+    def end(self, state: State, success: bool, reason: str = "") -> bool:
+        """Record the outcome unless one is recorded already; True if this call recorded it."""
+        with self._lock:
+            if self.outcome is not None:
+                return False
+            self.outcome = (str(state), success)
+        app, scope = self.app, self.task.scope
+        finish_keys = [
+            app.keys.running,
+            app.keys.runleases,
+            app.keys.history(scope),
+            app.keys.expire,
+        ]
+        args = [self.gen, str(state), int(success), app.settings.history_limit, reason]
+        if not app.call("finish", finish_keys, args):
+            log.warning(
+                "run %s of %s had been given up as lost; it ran twice",
+                self.gen,
+                self.task.identifier,
+            )
+        return True
+
+    def _completed(self, success: bool) -> None:
+        self.end(State.COMPLETED, success)
+
+    def execute(self, handler: Any) -> dict[str, Any]:
+        """Run the handler with a watchdog; returns the recorded outcome."""
+        watchdog = threading.Thread(
+            target=self._watch, name=f"bgqueue-watchdog-{self.gen}", daemon=True
+        )
+        watchdog.start()
+        try:
+            handler(self.task)
+        except TaskTerminated:
+            pass
+        except Exception as exc:  # the handler's failure is an outcome, not a worker crash
+            self.end(State.FAILED, False, f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            self._returned.set()
+        if self.task.success is not None:
+            self.end(State.COMPLETED, self.task.success)
+        else:
+            # Returning without set_task_completed is taken as done: nothing is left to wait for.
+            self.end(State.COMPLETED, True, "handler returned without set_task_completed")
+        state, success = self.outcome or ("completed", True)
+        return {"outcome": state, "success": success, "scope": self.task.scope}
+
+    # -- watchdog -------------------------------------------------------------
+
+    def _watch(self) -> None:
+        settings, limits = self.app.settings, self.app.limits
+        budget = budget_of(self.app, self.kind)
+        lead = limits.warning_lead(budget)
+        start = time.monotonic()
+        deadline = start + budget
+        next_renew = start + settings.heartbeat_interval
+        warned = False
+        while True:
+            if not warned and isinstance(self.task, ContinuedProcessingTask):
+                # Continued processing lives as long as it keeps reporting progress.
+                deadline = max(start, self.task.progress.last_change) + budget
+            wake_at = min(next_renew, deadline if warned else deadline - lead)
+            if self._returned.wait(max(0.0, wake_at - time.monotonic())):
+                return
+            now = time.monotonic()
+            if now >= next_renew:
+                next_renew = now + settings.heartbeat_interval
+                if self._renew() and not warned:
+                    deadline = min(deadline, now + lead)  # a simulated expiration
+            if not warned and now >= deadline - lead:
+                warned = True
+                self._warn()
+            elif warned and now >= deadline:
+                self._terminate(State.EXPIRED, "did not complete by its deadline")
+                return
+
+    def _renew(self) -> bool:
+        """Extend the run's lease; True if an expiration was simulated for it."""
+        app = self.app
+        lease_ms = int(app.settings.heartbeat_timeout * 1000)
+        try:
+            _, expire = app.call(
+                "renew", [app.keys.runleases, app.keys.expire], [self.gen, lease_ms]
+            )
+        except Exception as exc:  # a broker blip must not kill the watchdog
+            log.warning("could not renew run %s: %s", self.gen, type(exc).__name__)
+            return False
+        return bool(expire)
+
+    def _warn(self) -> None:
+        if self.outcome is not None:
+            return
+        handler = self.task.expiration_handler
+        if handler is None:
+            self._terminate(State.COMPLETED, "no expiration handler set; ended unsuccessful")
+            return
+        try:
+            handler()
+        except Exception:
+            log.exception("expiration handler of %s raised", self.task.identifier)
+
+    def _terminate(self, state: State, reason: str) -> None:
+        self.end(state, False, reason)
+        if self._returned.is_set():
+            return
+        log.warning("terminating %s (run %s): %s", self.task.identifier, self.gen, reason)
+        if context.pool_process:
+            os.kill(os.getpid(), signal.SIGKILL)
+        # Solo or thread pools share the process: interrupt the body's thread instead.
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(self._body_thread), ctypes.py_object(TaskTerminated)
+        )

@@ -1,0 +1,164 @@
+"""The producer's scheduler for one scope (Apple's BGTaskScheduler).
+
+Every change is one Lua script call, so a refused submit writes nothing and a
+replaced request never coexists with its replacement.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from bgqueue import keys
+from bgqueue.errors import (
+    ImmediateRunIneligible,
+    NotPermitted,
+    ParameterError,
+    TooManyPendingTaskRequests,
+)
+from bgqueue.requests import (
+    BGTaskRequest,
+    ContinuedProcessingStrategy,
+    ContinuedProcessingTaskRequest,
+    Kind,
+    State,
+    TaskRecord,
+    check_name,
+    from_record,
+)
+
+if TYPE_CHECKING:
+    from bgqueue.app import BackgroundApp
+
+
+class Scheduler:
+    """Submit, list, cancel and inspect the requests of one scope of an app."""
+
+    def __init__(self, app: BackgroundApp, scope: str) -> None:
+        self.app = app
+        self.scope = check_name(scope, "scope")
+
+    def submit(self, request: BGTaskRequest) -> None:
+        """Schedule a request, replacing the not-yet-started one with the same identifier."""
+        self.submit_many([request])
+
+    def submit_many(self, requests: Iterable[BGTaskRequest]) -> None:
+        """Schedule a batch atomically: every request is accepted, or none is."""
+        batch = list(requests)
+        args: list[Any] = [
+            self.app.limits.max_pending_refresh,
+            self.app.limits.max_pending_processing,
+        ]
+        for request in batch:
+            self._check(request)
+            record = request.to_record()
+            args += [
+                request.identifier,
+                keys.member(self.scope, request.identifier),
+                json.dumps(record, separators=(",", ":")),
+                record["r"],
+                record["e"],
+                "refresh" if request.kind is Kind.REFRESH else "processing",
+            ]
+        if not batch:
+            return
+        app_keys = self.app.keys
+        script_keys = [*app_keys.due_all, app_keys.leases]
+        script_keys += [app_keys.requests(self.scope)] * len(batch)
+        result = self.app.call("submit", script_keys, args, wake=True)
+        if result[0] == b"limit":
+            index, kind = int(result[1]), result[2].decode()
+            allowed = getattr(self.app.limits, f"max_pending_{kind}")
+            raise TooManyPendingTaskRequests(
+                f"scope {self.scope!r} already has {allowed} pending {kind} request(s); "
+                f"{batch[index].identifier!r} was not scheduled (nothing in the batch was). "
+                "Cancel one or wait for it to run."
+            )
+
+    def _check(self, request: BGTaskRequest) -> None:
+        if not isinstance(request, BGTaskRequest):
+            raise ParameterError(f"expected a task request, got {type(request).__name__}")
+        request.validate()
+        if not self.app.is_permitted(request.identifier):
+            raise NotPermitted(
+                f"identifier {request.identifier!r} is not in the permitted identifiers of "
+                f"{self.app.app_id!r}; add it to BackgroundApp(permitted_identifiers=...)"
+            )
+        must_start_now = (
+            isinstance(request, ContinuedProcessingTaskRequest)
+            and request.strategy is ContinuedProcessingStrategy.FAIL
+        )
+        if must_start_now and not self.app.has_free_worker(request.profile):
+            raise ImmediateRunIneligible(
+                f"no live worker with a free slot satisfies {request.identifier!r} now; "
+                "use strategy=QUEUE to wait for one"
+            )
+
+    def cancel(self, identifier: str) -> bool:
+        """Cancel the not-yet-started request with this identifier; True if there was one."""
+        return self._cancel([check_name(identifier, "identifier")]) > 0
+
+    def cancel_all(self) -> int:
+        """Cancel every not-yet-started request of this scope; returns how many."""
+        return self._cancel([])
+
+    def _cancel(self, identifiers: Sequence[str]) -> int:
+        app_keys = self.app.keys
+        script_keys = [
+            *app_keys.due_all,
+            app_keys.leases,
+            app_keys.requests(self.scope),
+            app_keys.history(self.scope),
+        ]
+        args = [self.scope, self.app.settings.history_limit, *identifiers]
+        return int(self.app.call("cancel", script_keys, args))
+
+    def pending_task_requests(self) -> list[BGTaskRequest]:
+        """Copies of the requests not yet started (pending or dispatched), earliest first."""
+        raw = self.app.client.hgetall(self.app.keys.requests(self.scope))
+        found = [
+            (json.loads(value), field.decode())
+            for field, value in raw.items()
+            if not field.startswith(b"#")
+        ]
+        found.sort(key=lambda pair: (pair[0]["e"], pair[1]))
+        return [from_record(identifier, record) for record, identifier in found]
+
+    def history(self, limit: int = 100) -> list[TaskRecord]:
+        """The scope's most recent finished or cancelled runs, newest first."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ParameterError(f"limit must be a positive integer, got {limit!r}")
+        entries = self.app.client.lrange(self.app.keys.history(self.scope), 0, limit - 1)
+        return [TaskRecord.from_json(entry) for entry in entries]
+
+    def simulate_launch(self, identifier: str) -> bool:
+        """Make a pending request due now, ignoring its earliest-begin date (Apple's
+        `_simulateLaunchForTaskWithIdentifier`). Requirements still apply."""
+        check_name(identifier, "identifier")
+        raw = self.app.client.hget(self.app.keys.requests(self.scope), identifier)
+        if raw is None:
+            return False
+        record = json.loads(raw)
+        if record["s"] != State.PENDING:
+            return bool(record["s"] == State.DISPATCHED)
+        member = keys.member(self.scope, identifier)
+        with self.app.client.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.app.keys.due(record["r"]), {member: 0}, xx=True)
+            self.app.add_wake(pipe)
+            pipe.execute()
+        return True
+
+    def simulate_expiration(self, identifier: str) -> int:
+        """Run the expiration handler of every running task with this identifier now
+        (Apple's `_simulateExpirationForTaskWithIdentifier`); returns how many."""
+        check_name(identifier, "identifier")
+        running = self.app.client.hgetall(self.app.keys.running)
+        gens = [
+            gen
+            for gen, raw in running.items()
+            if (rec := json.loads(raw))["sc"] == self.scope and rec["i"] == identifier
+        ]
+        if gens:
+            self.app.client.sadd(self.app.keys.expire, *gens)
+        return len(gens)

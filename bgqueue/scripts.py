@@ -1,0 +1,43 @@
+"""The Lua scripts in `bgqueue/lua/`, loaded once per Redis client.
+
+Each script's header documents its KEYS and ARGV; every key it touches is passed
+in KEYS so the scripts stay valid on Redis Cluster (all keys of one app share a slot).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import redis
+
+NAMES = (
+    "submit",
+    "cancel",
+    "claim",
+    "lapsed",
+    "start",
+    "release",
+    "renew",
+    "finish",
+    "recover",
+    "heartbeat",
+    "workers",
+    "lease",
+)
+
+
+class Scripts:
+    """Callable scripts bound to one client: `scripts.submit(keys=[...], args=[...])`."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        folder = Path(__file__).parent / "lua"
+        self._scripts = {
+            name: client.register_script((folder / f"{name}.lua").read_text()) for name in NAMES
+        }
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._scripts[name]
+        except KeyError:
+            raise AttributeError(name) from None

@@ -1,0 +1,152 @@
+"""The worker side: a Celery app per BackgroundApp, its tasks, and the heartbeat.
+
+Each registered identifier is a Celery task of the same name, so Flower shows
+every kind of work under its own name. A worker consumes the queues of every
+requirement profile its conditions satisfy, and announces those conditions in a
+heartbeat that beat reads to decide what may be dispatched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, signals
+
+from bgqueue import conditions, runtime
+from bgqueue.celery_config import celery_config
+
+if TYPE_CHECKING:
+    from bgqueue.app import BackgroundApp
+
+log = logging.getLogger("bgqueue.worker")
+
+NAME_ENV = "BGQUEUE_WORKER_NAME"
+CONDITIONS_ENV = "BGQUEUE_CONDITIONS"  # "key=value,key=value", set by `bgqueue worker --condition`
+
+
+def make_celery(app: BackgroundApp) -> Celery:
+    """The Celery app of a BackgroundApp, with a task per registered identifier."""
+    celery = Celery(app.app_id, set_as_current=False)
+    celery.conf.update(celery_config(app.broker_url))
+    celery.conf.task_default_queue = app.keys.queue(0)
+    for identifier in app.handlers:
+        add_celery_task(app, identifier, celery)
+    Heartbeat.attach(app, celery)
+    return celery
+
+
+def add_celery_task(app: BackgroundApp, identifier: str, celery: Celery | None = None) -> None:
+    """Register the Celery task that runs `identifier`'s launch handler."""
+    target = celery if celery is not None else app.celery
+
+    def run(scope: str, gen: int, profile: int) -> dict[str, Any]:
+        return runtime.execute(app, identifier, scope, gen, profile)
+
+    run.__doc__ = f"Launch handler of {identifier}"
+    target.task(name=identifier, acks_late=True, ignore_result=True)(run)
+
+
+class Heartbeat:
+    """The worker's main-process side: picks queues, announces conditions, leaves cleanly."""
+
+    def __init__(self, app: BackgroundApp, celery: Celery) -> None:
+        self.app = app
+        self.celery = celery
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.concurrency = 1
+        self.last: dict[str, str] | None = None
+
+    @classmethod
+    def attach(cls, app: BackgroundApp, celery: Celery) -> None:
+        """Connect the worker signals for this Celery app (signals are process-global)."""
+        beat = cls(app, celery)
+
+        def after_setup(sender: str, instance: Any, **_: Any) -> None:
+            if instance.app is celery:
+                beat.setup(sender, instance)
+
+        def ready(sender: Any, **_: Any) -> None:
+            if sender.app is celery:
+                beat.start()
+
+        def shutdown(sender: Any, **_: Any) -> None:
+            if sender.app is celery:
+                beat.stop()
+
+        def pool_process_init(**_: Any) -> None:
+            runtime.context.pool_process = True
+
+        # weak=False: the closures would otherwise be collected at once.
+        signals.celeryd_after_setup.connect(after_setup, weak=False)
+        signals.worker_ready.connect(ready, weak=False)
+        signals.worker_shutdown.connect(shutdown, weak=False)
+        signals.worker_process_init.connect(pool_process_init, weak=False)
+
+    def setup(self, nodename: str, worker: Any) -> None:
+        """Before consuming: learn the name and conditions, subscribe to eligible queues."""
+        overrides = conditions.parse_overrides(
+            pair for pair in os.environ.get(CONDITIONS_ENV, "").split(",") if pair.strip()
+        )
+        runtime.context.name = os.environ.get(NAME_ENV) or nodename
+        runtime.context.overrides = overrides
+        self.concurrency = int(worker.concurrency or 1)
+        found = runtime.context.conditions(0)
+        queues = self.celery.amqp.queues
+        for profile in conditions.profiles(found):
+            name = self.app.keys.queue(profile)
+            queues.select_add(name, exchange=name, routing_key=name)
+        log.info("worker %s conditions %s", runtime.context.name, found)
+
+    def start(self) -> None:
+        """Start heartbeating (the pool is up, tasks may arrive)."""
+        self.send()
+        self.thread = threading.Thread(target=self._loop, name="bgqueue-heartbeat", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop heartbeating and leave, so beat stops counting on this worker at once."""
+        self.stopped.set()
+        try:
+            self.app.call(
+                "heartbeat",
+                [self.app.keys.workers, self.app.keys.alive],
+                [runtime.context.name, "{}", 0],
+                wake=True,
+            )
+        except Exception as exc:
+            log.warning("could not announce leaving: %s", type(exc).__name__)
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.app.settings.heartbeat_interval):
+            try:
+                self.send()
+            except Exception as exc:  # keep beating through broker blips
+                log.warning("heartbeat failed: %s", type(exc).__name__)
+
+    def send(self) -> None:
+        """Publish conditions and slots; wake beat when they change what may run here."""
+        from celery.worker import state
+
+        found = runtime.context.conditions(0)
+        beat = {
+            "conditions": found,
+            "concurrency": self.concurrency,
+            "busy": len(state.active_requests),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        timeout_ms = int(self.app.settings.heartbeat_timeout * 1000)
+        changed = found != self.last
+        self.app.call(
+            "heartbeat",
+            [self.app.keys.workers, self.app.keys.alive],
+            [runtime.context.name, json.dumps(beat), timeout_ms],
+            wake=changed,
+        )
+        self.last = found
