@@ -149,6 +149,8 @@ class BackgroundApp:
     def register(self, identifier: str) -> Callable[[Handler], Handler]:
         """Decorator: the launch handler of an identifier, run by workers with a task object."""
         check_name(identifier, "identifier")
+        if "*" in identifier:
+            raise ParameterError(f"register exact identifiers, not patterns: {identifier!r}")
         if not self.is_permitted(identifier):
             raise NotPermitted(f"cannot register {identifier!r}: not a permitted identifier")
         if identifier in self.handlers:

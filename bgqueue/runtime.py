@@ -92,6 +92,18 @@ def execute(
     return Run(app, task, kind, gen).execute(app.handlers[identifier])
 
 
+def refuse(app: BackgroundApp, identifier: str, scope: str, gen: int, reason: str) -> bool:
+    """Record a dispatched request as failed without running it (e.g. no handler here)."""
+    start_keys = [app.keys.requests(scope), app.keys.leases, app.keys.running, app.keys.runleases]
+    lease_ms = int(app.settings.heartbeat_timeout * 1000)
+    if app.call("start", start_keys, [scope, identifier, gen, context.name, lease_ms]) is None:
+        return False
+    finish_keys = [app.keys.running, app.keys.runleases, app.keys.history(scope), app.keys.expire]
+    args = [gen, str(State.FAILED), 0, app.settings.history_limit, reason]
+    app.call("finish", finish_keys, args)
+    return True
+
+
 class Run:
     """One run of a handler: its outcome is recorded exactly once, by whoever ends it first."""
 

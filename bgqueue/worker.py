@@ -79,6 +79,10 @@ class Heartbeat:
             if sender.app is celery:
                 beat.stop()
 
+        def unknown(sender: Any, message: Any, name: str, **_: Any) -> None:
+            if sender.app is celery:
+                beat.refuse_unknown(name, message)
+
         def pool_process_init(**_: Any) -> None:
             runtime.context.pool_process = True
 
@@ -87,6 +91,7 @@ class Heartbeat:
         signals.worker_ready.connect(ready, weak=False)
         signals.worker_shutdown.connect(shutdown, weak=False)
         signals.worker_process_init.connect(pool_process_init, weak=False)
+        signals.task_unknown.connect(unknown, weak=False)
 
     def setup(self, nodename: str, worker: Any) -> None:
         """Before consuming: learn the name and conditions, subscribe to eligible queues."""
@@ -102,6 +107,17 @@ class Heartbeat:
             name = self.app.keys.queue(profile)
             queues.select_add(name, exchange=name, routing_key=name)
         log.info("worker %s conditions %s", runtime.context.name, found)
+
+    def refuse_unknown(self, name: str, message: Any) -> None:
+        """A request for an identifier with no handler on this worker fails visibly instead
+        of being published again and again."""
+        try:
+            kwargs = message.payload[1]
+            scope, gen = kwargs["scope"], int(kwargs["gen"])
+        except (TypeError, KeyError, IndexError, ValueError):
+            return  # not a bgqueue message: Celery has logged and rejected it
+        reason = f"no launch handler registered for {name!r} on worker {runtime.context.name}"
+        runtime.refuse(self.app, name, scope, gen, reason)
 
     def start(self) -> None:
         """Start heartbeating (the pool is up, tasks may arrive)."""

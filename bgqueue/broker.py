@@ -1,0 +1,92 @@
+"""Which Redis to use and how to connect to it, with errors that never show the password."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import redis
+
+from bgqueue.embedded import ensure_embedded_redis
+from bgqueue.errors import ParameterError, ServiceError
+
+ENV_BROKER_URL = "BGQUEUE_BROKER_URL"
+CONNECT_TIMEOUT = 2.0  # seconds; an unreachable broker must fail fast, not hang a CLI
+SOCKET_TIMEOUT = 10.0  # seconds; longer than any single command, even a large batch script
+HEALTH_CHECK_INTERVAL = 30  # seconds; re-PING a connection idle this long before reusing it
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def resolve_broker_url(url: str | None) -> str:
+    """The broker URL: the argument, else $BGQUEUE_BROKER_URL, else the embedded Redis."""
+    return url or os.environ.get(ENV_BROKER_URL) or ensure_embedded_redis()
+
+
+def redact(url: str) -> str:
+    """The URL with its password (in the user info or a `password=` query) shown as `***`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable broker URL>"
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+    query = "&".join(
+        f"{name}=***" if name == "password" else f"{name}={value}"
+        for name, _, value in (pair.partition("=") for pair in parts.query.split("&") if pair)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def connect(url: str) -> redis.Redis:
+    """A redis-py client for `url`, checked with one PING; ServiceError if unreachable."""
+    try:
+        client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=SOCKET_TIMEOUT,
+            health_check_interval=HEALTH_CHECK_INTERVAL,
+            decode_responses=False,
+            # No automatic retries: a retried script could apply a transition twice; callers
+            # that can retry safely do so themselves.
+        )
+    except ValueError:
+        # Not echoing the URL: a password with an unescaped '/' or '@' ends up in odd places.
+        raise ParameterError(
+            "invalid broker URL: expected redis://[user:password@]host[:port][/db], "
+            "rediss://... or unix:///path/to/socket, with special characters "
+            "in the password percent-encoded"
+        ) from None
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        client.close()
+        raise ServiceError(
+            f"cannot reach the broker at {redact(url)} ({type(exc).__name__}: {exc}); "
+            f"is Redis running? set {ENV_BROKER_URL} or pass broker_url"
+        ) from exc
+    return client
+
+
+def ssl_options(url: str) -> dict[str, Any] | None:
+    """Celery's `broker_use_ssl`/`redis_backend_use_ssl` for a rediss:// URL, else None.
+
+    Celery refuses a rediss:// URL without these; certificates are verified unless the URL
+    says `ssl_cert_reqs=none` (or `optional`).
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+    reqs = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    if reqs not in _CERT_REQS:
+        raise ParameterError(f"ssl_cert_reqs must be none, optional or required, not {reqs!r}")
+    options: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[reqs]}
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in query:
+            options[name] = query[name]
+    return options
