@@ -6,6 +6,7 @@ second; every wait polls a condition with a deadline, never a bare sleep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -49,7 +50,9 @@ def wait_for(check: Callable[[], T], timeout: float = 15, message: str = "condit
         time.sleep(0.02)
 
 
-def events(client: redis.Redis, event: str | None = None, identifier: str | None = None) -> list[dict[str, Any]]:
+def events(
+    client: redis.Redis, event: str | None = None, identifier: str | None = None
+) -> list[dict[str, Any]]:
     """Events recorded by the sample app's handlers, oldest first, optionally filtered."""
     found = [json.loads(raw) for raw in client.lrange(EVENTS, 0, -1)]
     return [
@@ -93,18 +96,14 @@ class Proc:
         """SIGTERM (a graceful stop), then SIGKILL whatever is left."""
         if self.alive():
             os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         if self.alive():
             self.kill()
         else:
             # Pool children of a killed main process may linger in the group.
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
