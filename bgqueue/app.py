@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import redis
 
 from bgqueue import keys
-from bgqueue.broker import connect, resolve_broker_url
+from bgqueue.broker import connect, resolve_broker_url, service_errors
 from bgqueue.conditions import satisfies
 from bgqueue.errors import NotPermitted, ParameterError
 from bgqueue.limits import Limits
@@ -25,6 +26,13 @@ from bgqueue.scripts import Scripts
 from bgqueue.settings import Settings
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def _sequence(value: object, what: str) -> list[Any]:
+    """A list from a list-like argument, or ParameterError (a string is not a list here)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ParameterError(f"{what} must be a list, got {type(value).__name__}")
+    return list(value)
 
 
 class BackgroundApp:
@@ -43,16 +51,15 @@ class BackgroundApp:
         check_name(app_id, "app_id")
         if "{" in app_id or "}" in app_id:
             raise ParameterError(f"app_id {app_id!r} must not contain braces (they tag Redis keys)")
-        if isinstance(permitted_identifiers, str):
-            raise ParameterError(
-                "permitted_identifiers must be a list of identifiers, not a string"
-            )
         self.app_id = app_id
         self.permitted_identifiers = tuple(
-            check_name(p, "permitted identifier") for p in permitted_identifiers
+            check_name(p, "permitted identifier")
+            for p in _sequence(permitted_identifiers, "permitted_identifiers")
         )
         try:
-            self.background_modes = frozenset(BackgroundMode(m) for m in background_modes)
+            self.background_modes = frozenset(
+                BackgroundMode(m) for m in _sequence(background_modes, "background_modes")
+            )
         except ValueError as exc:
             raise ParameterError(f"unknown background mode: {exc}") from None
         if not isinstance(system, bool):
@@ -115,21 +122,28 @@ class BackgroundApp:
     def call(
         self, script: str, script_keys: Sequence[str], args: Sequence[Any], wake: bool = False
     ) -> Any:
-        """Run one Lua script; with `wake`, also wake beat in the same round trip."""
-        if not wake:
-            return getattr(self.scripts, script)(keys=script_keys, args=args)
-        with self.client.pipeline(transaction=False) as pipe:
-            getattr(self.scripts, script)(keys=script_keys, args=args, client=pipe)
-            self.add_wake(pipe)
-            return pipe.execute()[0]
+        """Run one Lua script; with `wake`, also wake beat in the same round trip.
 
-    def add_wake(self, pipe: Any) -> None:
-        """Queue on `pipe` the commands that wake beat (and make this app known to it)."""
+        The wake is a PUBLISH: it touches no key, so a refused call still changes nothing.
+        """
+        with service_errors(self.broker_url):
+            if not wake:
+                return getattr(self.scripts, script)(keys=script_keys, args=args)
+            with self.client.pipeline(transaction=False) as pipe:
+                getattr(self.scripts, script)(keys=script_keys, args=args, client=pipe)
+                pipe.publish(keys.BEAT_WAKE, self.app_id)
+                return pipe.execute()[0]
+
+    def service(self) -> AbstractContextManager[None]:
+        """A context in which a lost broker connection raises ServiceError."""
+        return service_errors(self.broker_url)
+
+    def announce(self) -> None:
+        """Make the app known to beat, once per process, after its first accepted change."""
         if not self._announced:
-            pipe.sadd(keys.APPS, self.app_id)
+            with service_errors(self.broker_url):
+                self.client.sadd(keys.APPS, self.app_id)
             self._announced = True
-        pipe.lpush(keys.BEAT_WAKE, self.app_id)
-        pipe.ltrim(keys.BEAT_WAKE, 0, 0)
 
     # -- scopes and identifiers ---------------------------------------------
 

@@ -69,12 +69,15 @@ class Beat:
         lease_ms = int(self.settings.beat_lease * 1000)
         try:
             while not self.stopping.is_set():
-                if self._lease(lease_ms):
-                    log.info("beat %s leads", self.token)
-                    self._lead()
-                    log.info("beat %s no longer leads", self.token)
-                else:
-                    self.stopping.wait(self.settings.beat_lease / 3)
+                try:
+                    if self._lease(lease_ms):
+                        log.info("beat %s leads", self.token)
+                        self._lead()
+                        log.info("beat %s no longer leads", self.token)
+                        continue
+                except Exception as exc:  # broker down or restarting: keep trying, never exit
+                    log.warning("beat %s: %s: %s; retrying", self.token, type(exc).__name__, exc)
+                self.stopping.wait(self.settings.beat_lease / 3)
         finally:
             with contextlib.suppress(redis.RedisError):
                 self._lease(0)
@@ -87,19 +90,32 @@ class Beat:
         renew_every = self.settings.beat_lease / 3
         renew_at = time.monotonic() + renew_every
         sweep_at = 0.0
-        while not self.stopping.is_set():
-            now = time.monotonic()
-            if now >= renew_at:
-                if not self._lease(int(self.settings.beat_lease * 1000)):
-                    return
-                renew_at = now + renew_every
-            if now >= sweep_at:
-                self.sweep()
-                sweep_at = now + self.settings.sweep_interval
-            next_due = self.dispatch()
-            timeout = min(next_due, sweep_at - now, renew_at - now, MAX_SLEEP)
-            if timeout > 0.001:
-                self.client.blpop([keys.BEAT_WAKE], timeout=timeout)
+        # Subscribed before the first dispatch, so a submit during a dispatch is not missed:
+        # its wake-up waits in the subscription until the next wait.
+        wakes = self.client.pubsub(ignore_subscribe_messages=True)
+        wakes.subscribe(keys.BEAT_WAKE)
+        try:
+            while not self.stopping.is_set():
+                if time.monotonic() >= renew_at:
+                    if not self._lease(int(self.settings.beat_lease * 1000)):
+                        return
+                    renew_at = time.monotonic() + renew_every
+                if time.monotonic() >= sweep_at:
+                    self.sweep()
+                    sweep_at = time.monotonic() + self.settings.sweep_interval
+                next_due = self.dispatch()
+                now = time.monotonic()
+                self._wait(wakes, min(next_due, sweep_at - now, renew_at - now, MAX_SLEEP))
+        finally:
+            wakes.close()
+
+    @staticmethod
+    def _wait(wakes: Any, timeout: float) -> None:
+        """Sleep until a wake-up message or the timeout, then drop any other queued wake-ups."""
+        if timeout > 0 and wakes.get_message(timeout=timeout) is None:
+            return
+        while wakes.get_message(timeout=0) is not None:
+            pass
 
     # -- dispatch -------------------------------------------------------------
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -70,6 +72,18 @@ def connect(url: str) -> redis.Redis:
             f"is Redis running? set {ENV_BROKER_URL} or pass broker_url"
         ) from exc
     return client
+
+
+@contextmanager
+def service_errors(url: str) -> Iterator[None]:
+    """Turn a lost or refused broker connection into ServiceError, without the password."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise ServiceError(
+            f"lost the broker at {redact(url)} ({type(exc).__name__}); is Redis running? "
+            "nothing was changed by the failed call"
+        ) from exc
 
 
 def ssl_options(url: str) -> dict[str, Any] | None:

@@ -1,8 +1,8 @@
 """Every Redis key and Celery queue name bgqueue uses, in one place.
 
 All keys of one app share the hash tag `{app_id}`, so each Lua script touches a
-single Cluster slot. The only cross-app keys are beat's lease, its wake-up list
-and the set of known apps.
+single Cluster slot. The only cross-app names are beat's lease, its wake-up
+pub/sub channel and the set of known apps.
 
 Per app (`bgqueue:{app}:...`):
   req:<scope>      HASH identifier → JSON record of the request not yet started
@@ -28,7 +28,7 @@ SEPARATOR = "\x1f"  # unit separator: check_name forbids it inside names
 
 APPS = f"{PREFIX}:apps"
 BEAT_LEASE = f"{PREFIX}:beat:lease"
-BEAT_WAKE = f"{PREFIX}:beat:wake"
+BEAT_WAKE = f"{PREFIX}:beat:wake"  # a pub/sub channel: waking beat writes no key
 
 
 def member(scope: str, identifier: str) -> str:

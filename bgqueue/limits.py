@@ -6,6 +6,7 @@ milliseconds are converted at that API, not here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from bgqueue.errors import ParameterError
@@ -34,10 +35,14 @@ class Limits:
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            # Counts are whole numbers; NaN or infinity would silently disable a budget.
+            wanted = int if field.type == "int" else int | float
+            if isinstance(value, bool) or not isinstance(value, wanted) or not math.isfinite(value):
                 raise ParameterError(
-                    f"Limits.{field.name} must be a positive number, got {value!r}"
+                    f"Limits.{field.name} must be a finite {field.type}: {value!r}"
                 )
+            if value <= 0:
+                raise ParameterError(f"Limits.{field.name} must be positive, got {value!r}")
 
     def warning_lead(self, budget: float) -> float:
         """How long before a deadline the expiration handler runs: at most a fifth of it."""

@@ -90,10 +90,13 @@ def encode_payload(payload: Any) -> str:
         text = json.dumps(payload, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ParameterError(f"payload must be JSON-serialisable: {exc}") from None
-    if len(text.encode()) > MAX_PAYLOAD_BYTES:
-        raise ParameterError(
-            f"payload is {len(text)} bytes of JSON; the limit is {MAX_PAYLOAD_BYTES}"
-        )
+    size = len(text.encode())
+    if size > MAX_PAYLOAD_BYTES:
+        raise ParameterError(f"payload is {size} bytes of JSON; the limit is {MAX_PAYLOAD_BYTES}")
+    # json.dumps quietly turns tuples into lists and int keys into strings; the handler
+    # must receive exactly what was submitted.
+    if json.loads(text) != payload:
+        raise ParameterError("payload must be plain JSON: string keys, lists (not tuples)")
     return text
 
 
@@ -215,9 +218,6 @@ class HealthResearchTaskRequest(ProcessingTaskRequest):
         """The level of `protection_type_of_required_data`."""
         return FileProtectionType(self.protection_type_of_required_data).level
 
-    def _extra_record(self) -> dict[str, Any]:
-        return {}  # the protection level lives in the profile bits
-
 
 @dataclass
 class ContinuedProcessingTaskRequest(BGTaskRequest):
@@ -232,6 +232,9 @@ class ContinuedProcessingTaskRequest(BGTaskRequest):
     def validate(self) -> None:
         """As the base, plus title, subtitle and a known strategy; no future start date."""
         super().validate()
+        date = self.earliest_begin_date
+        if date is not None and date > datetime.now(UTC):
+            raise ParameterError("a continued-processing request starts now: no future date")
         for name in ("title", "subtitle"):
             if not isinstance(getattr(self, name), str):
                 raise ParameterError(f"{name} must be a string")

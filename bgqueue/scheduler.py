@@ -67,7 +67,9 @@ class Scheduler:
         script_keys = [*app_keys.due_all, app_keys.leases]
         script_keys += [app_keys.requests(self.scope)] * len(batch)
         result = self.app.call("submit", script_keys, args, wake=True)
-        if result[0] == b"limit":
+        if result[0] == b"ok":
+            self.app.announce()
+        else:
             index, kind = int(result[1]), result[2].decode()
             allowed = getattr(self.app.limits, f"max_pending_{kind}")
             raise TooManyPendingTaskRequests(
@@ -116,7 +118,8 @@ class Scheduler:
 
     def pending_task_requests(self) -> list[BGTaskRequest]:
         """Copies of the requests not yet started (pending or dispatched), earliest first."""
-        raw = self.app.client.hgetall(self.app.keys.requests(self.scope))
+        with self.app.service():
+            raw = self.app.client.hgetall(self.app.keys.requests(self.scope))
         found = [
             (json.loads(value), field.decode())
             for field, value in raw.items()
@@ -129,36 +132,39 @@ class Scheduler:
         """The scope's most recent finished or cancelled runs, newest first."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ParameterError(f"limit must be a positive integer, got {limit!r}")
-        entries = self.app.client.lrange(self.app.keys.history(self.scope), 0, limit - 1)
+        with self.app.service():
+            entries = self.app.client.lrange(self.app.keys.history(self.scope), 0, limit - 1)
         return [TaskRecord.from_json(entry) for entry in entries]
 
     def simulate_launch(self, identifier: str) -> bool:
         """Make a pending request due now, ignoring its earliest-begin date (Apple's
         `_simulateLaunchForTaskWithIdentifier`). Requirements still apply."""
         check_name(identifier, "identifier")
-        raw = self.app.client.hget(self.app.keys.requests(self.scope), identifier)
-        if raw is None:
-            return False
-        record = json.loads(raw)
-        if record["s"] != State.PENDING:
-            return bool(record["s"] == State.DISPATCHED)
-        member = keys.member(self.scope, identifier)
-        with self.app.client.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.app.keys.due(record["r"]), {member: 0}, xx=True)
-            self.app.add_wake(pipe)
-            pipe.execute()
+        with self.app.service():
+            raw = self.app.client.hget(self.app.keys.requests(self.scope), identifier)
+            if raw is None:
+                return False
+            record = json.loads(raw)
+            if record["s"] != State.PENDING:
+                return bool(record["s"] == State.DISPATCHED)
+            member = keys.member(self.scope, identifier)
+            with self.app.client.pipeline(transaction=False) as pipe:
+                pipe.zadd(self.app.keys.due(record["r"]), {member: 0}, xx=True)
+                pipe.publish(keys.BEAT_WAKE, self.app.app_id)
+                pipe.execute()
         return True
 
     def simulate_expiration(self, identifier: str) -> int:
         """Run the expiration handler of every running task with this identifier now
         (Apple's `_simulateExpirationForTaskWithIdentifier`); returns how many."""
         check_name(identifier, "identifier")
-        running = self.app.client.hgetall(self.app.keys.running)
-        gens = [
-            gen
-            for gen, raw in running.items()
-            if (rec := json.loads(raw))["sc"] == self.scope and rec["i"] == identifier
-        ]
-        if gens:
-            self.app.client.sadd(self.app.keys.expire, *gens)
+        with self.app.service():
+            running = self.app.client.hgetall(self.app.keys.running)
+            gens = [
+                gen
+                for gen, raw in running.items()
+                if (rec := json.loads(raw))["sc"] == self.scope and rec["i"] == identifier
+            ]
+            if gens:
+                self.app.client.sadd(self.app.keys.expire, *gens)
         return len(gens)

@@ -61,6 +61,7 @@ class Heartbeat:
         self.thread: threading.Thread | None = None
         self.concurrency = 1
         self.last: dict[str, str] | None = None
+        self.nodename = ""
 
     @classmethod
     def attach(cls, app: BackgroundApp, celery: Celery) -> None:
@@ -101,12 +102,27 @@ class Heartbeat:
         runtime.context.name = os.environ.get(NAME_ENV) or nodename
         runtime.context.overrides = overrides
         self.concurrency = int(worker.concurrency or 1)
+        self.nodename = nodename
         found = runtime.context.conditions(0)
         queues = self.celery.amqp.queues
-        for profile in conditions.profiles(found):
-            name = self.app.keys.queue(profile)
+        for name in self.queues(found):
             queues.select_add(name, exchange=name, routing_key=name)
         log.info("worker %s conditions %s", runtime.context.name, found)
+
+    def queues(self, found: dict[str, str]) -> set[str]:
+        """The queues of every requirement profile these conditions satisfy."""
+        return {self.app.keys.queue(profile) for profile in conditions.profiles(found)}
+
+    def follow(self, before: dict[str, str], after: dict[str, str]) -> None:
+        """Consume exactly the queues the new conditions satisfy (e.g. power unplugged).
+
+        Through Celery's remote control, so the consumer thread makes the change itself."""
+        old, new = self.queues(before), self.queues(after)
+        control, to = self.celery.control, [self.nodename]
+        for name in sorted(old - new):
+            control.cancel_consumer(name, destination=to)
+        for name in sorted(new - old):
+            control.add_consumer(name, exchange=name, routing_key=name, destination=to)
 
     def refuse_unknown(self, name: str, message: Any) -> None:
         """A request for an identifier with no handler on this worker fails visibly instead
@@ -159,6 +175,9 @@ class Heartbeat:
         }
         timeout_ms = int(self.app.settings.heartbeat_timeout * 1000)
         changed = found != self.last
+        if changed and self.last is not None:
+            log.info("worker %s conditions now %s", runtime.context.name, found)
+            self.follow(self.last, found)
         self.app.call(
             "heartbeat",
             [self.app.keys.workers, self.app.keys.alive],
@@ -166,3 +185,4 @@ class Heartbeat:
             wake=changed,
         )
         self.last = found
+        self.app.announce()
