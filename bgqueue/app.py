@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
@@ -16,7 +18,7 @@ import redis
 
 from bgqueue import keys
 from bgqueue.broker import connect, resolve_broker_url, service_errors
-from bgqueue.conditions import satisfies
+from bgqueue.conditions import profiles, satisfies
 from bgqueue.errors import NotPermitted, ParameterError
 from bgqueue.limits import Limits
 from bgqueue.modes import BackgroundMode
@@ -26,6 +28,28 @@ from bgqueue.scripts import Scripts
 from bgqueue.settings import Settings
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def _allow_dotted_lookup(module_globals: dict[str, Any]) -> None:
+    """Make `celery -A module:app.celery worker` work for the module defining the app.
+
+    Celery resolves `module:app.celery` as `getattr(module, "app.celery")`, one name with a
+    dot in it. A module-level `__getattr__` (PEP 562), added only where the module has none,
+    resolves such names as attribute paths; ordinary lookups never reach it.
+    """
+    if "__getattr__" in module_globals or "__name__" not in module_globals:
+        return
+
+    def __getattr__(name: str) -> Any:
+        head, dot, rest = name.partition(".")
+        if not dot or head not in module_globals:
+            raise AttributeError(f"module {module_globals['__name__']!r} has no attribute {name!r}")
+        value = module_globals[head]
+        for part in rest.split("."):
+            value = getattr(value, part)
+        return value
+
+    module_globals["__getattr__"] = __getattr__
 
 
 def _sequence(value: object, what: str) -> list[Any]:
@@ -80,6 +104,7 @@ class BackgroundApp:
         self._celery: Any = None
         self._announced = False
         self.scheduler = Scheduler(self, "default")
+        _allow_dotted_lookup(sys._getframe(1).f_globals)
 
     def __repr__(self) -> str:
         return f"BackgroundApp({self.app_id!r})"
@@ -199,17 +224,38 @@ class BackgroundApp:
 
     def workers(self) -> dict[str, tuple[bool, dict[str, Any]]]:
         """Every recently seen worker: (alive, heartbeat) by name."""
+        return self._workers()[1]
+
+    def _workers(self) -> tuple[int, dict[str, tuple[bool, dict[str, Any]]]]:
+        """The server's clock (ms) and every recently seen worker."""
         forget_ms = int(self.settings.heartbeat_timeout * 1000 * 60)
         raw = self.call("workers", [self.keys.workers, self.keys.alive], [forget_ms])
         now = int(raw[0])
         result: dict[str, tuple[bool, dict[str, Any]]] = {}
         for i in range(1, len(raw), 3):
             result[raw[i].decode()] = (float(raw[i + 1]) > now, json.loads(raw[i + 2]))
-        return result
+        return now, result
 
-    def has_free_worker(self, profile: int) -> bool:
-        """Whether a live worker satisfying this profile has an idle slot now."""
-        return any(
-            satisfies(beat["conditions"], profile) and beat["busy"] < beat["concurrency"]
-            for beat in self.live_workers().values()
-        )
+    def free_slots(self, profile: int) -> int:
+        """Pool processes that could start a request of this profile now: those of live
+        workers satisfying it, less the runs on them and the requests already waiting to
+        start (dispatched, or due on a profile those workers serve). Read from Redis's
+        records, not heartbeats, so a request accepted a moment ago is counted."""
+        now, known = self._workers()
+        capable = {
+            name: beat
+            for name, (alive, beat) in known.items()
+            if alive and satisfies(beat["conditions"], profile)
+        }
+        if not capable:
+            return 0
+        served = sorted({p for beat in capable.values() for p in profiles(beat["conditions"])})
+        with self.service(), self.client.pipeline(transaction=False) as pipe:
+            pipe.hvals(self.keys.running)
+            pipe.zcard(self.keys.leases)
+            for served_profile in served:
+                pipe.zcount(self.keys.due(served_profile), "-inf", now)
+            running_raw, dispatched, *due = pipe.execute()
+        running = Counter(json.loads(raw)["w"] for raw in running_raw)
+        idle = sum(max(0, beat["concurrency"] - running[name]) for name, beat in capable.items())
+        return int(idle - dispatched - sum(due))

@@ -89,7 +89,7 @@ def execute(
         )
     else:
         task = TASK_CLASSES[kind](*task_args)
-    return Run(app, task, kind, gen).execute(app.handlers[identifier])
+    return Run(app, task, kind, gen, profile).execute(app.handlers[identifier])
 
 
 def refuse(app: BackgroundApp, identifier: str, scope: str, gen: int, reason: str) -> bool:
@@ -107,11 +107,14 @@ def refuse(app: BackgroundApp, identifier: str, scope: str, gen: int, reason: st
 class Run:
     """One run of a handler: its outcome is recorded exactly once, by whoever ends it first."""
 
-    def __init__(self, app: BackgroundApp, task: BGTask, kind: Kind, gen: int) -> None:
+    def __init__(
+        self, app: BackgroundApp, task: BGTask, kind: Kind, gen: int, profile: int
+    ) -> None:
         self.app = app
         self.task = task
         self.kind = kind
         self.gen = gen
+        self.profile = profile
         self.outcome: tuple[str, bool] | None = None
         self._lock = threading.Lock()
         self._returned = threading.Event()
@@ -185,8 +188,10 @@ class Run:
             now = time.monotonic()
             if now >= next_renew:
                 next_renew = now + settings.heartbeat_interval
-                if self._renew() and not warned:
-                    deadline = min(deadline, now + lead)  # a simulated expiration
+                reason = self._check_in()
+                if reason and not warned:
+                    log.info("expiring %s now: %s", self.task.identifier, reason)
+                    deadline = min(deadline, now + lead)
             if not warned and now >= deadline - lead:
                 warned = True
                 self._warn()
@@ -194,18 +199,39 @@ class Run:
                 self._terminate(State.EXPIRED, "did not complete by its deadline")
                 return
 
-    def _renew(self) -> bool:
-        """Extend the run's lease; True if an expiration was simulated for it."""
+    def _check_in(self) -> str | None:
+        """Renew the run's lease; return why the task must expire early, if it must.
+
+        As WorkManager stops work whose constraints fail, a task whose requirements stop
+        holding on this worker gets its expiration handler now.
+        """
         app = self.app
         lease_ms = int(app.settings.heartbeat_timeout * 1000)
         try:
-            _, expire = app.call(
+            alive, expire = app.call(
                 "renew", [app.keys.runleases, app.keys.expire], [self.gen, lease_ms]
             )
         except Exception as exc:  # a broker blip must not kill the watchdog
             log.warning("could not renew run %s: %s", self.gen, type(exc).__name__)
-            return False
-        return bool(expire)
+            return None
+        if not alive and self.outcome is None:
+            self._abandon()
+        if expire:
+            return "expiration simulated"
+        held = context.conditions(app.settings.heartbeat_interval)
+        if not conditions.satisfies(held, self.profile):
+            return "its requirements no longer hold on this worker"
+        return None
+
+    def _abandon(self) -> None:
+        """Stop a run that beat gave up as lost (its lease lapsed, e.g. the worker stalled):
+        the request already waits to run again, so going on would only run it twice."""
+        log.warning(
+            "run %s of %s was given up as lost; stopping it", self.gen, self.task.identifier
+        )
+        with self._lock:
+            self.outcome = (str(State.FAILED), False)  # already recorded by the sweep
+        self._stop_body()
 
     def _warn(self) -> None:
         if self.outcome is not None:
@@ -224,6 +250,11 @@ class Run:
         if self._returned.is_set():
             return
         log.warning("terminating %s (run %s): %s", self.task.identifier, self.gen, reason)
+        self._stop_body()
+
+    def _stop_body(self) -> None:
+        if self._returned.is_set():
+            return
         if context.pool_process:
             os.kill(os.getpid(), signal.SIGKILL)
         # Solo or thread pools share the process: interrupt the body's thread instead.

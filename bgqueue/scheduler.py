@@ -7,6 +7,7 @@ replaced request never coexists with its replacement.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,7 @@ class Scheduler:
             ]
         if not batch:
             return
+        self._check_start_now(batch)
         app_keys = self.app.keys
         script_keys = [*app_keys.due_all, app_keys.leases]
         script_keys += [app_keys.requests(self.scope)] * len(batch)
@@ -87,15 +89,23 @@ class Scheduler:
                 f"identifier {request.identifier!r} is not in the permitted identifiers of "
                 f"{self.app.app_id!r}; add it to BackgroundApp(permitted_identifiers=...)"
             )
-        must_start_now = (
-            isinstance(request, ContinuedProcessingTaskRequest)
+
+    def _check_start_now(self, batch: list[BGTaskRequest]) -> None:
+        """Continued-processing requests with the FAIL strategy need a free slot each, now."""
+        needed = Counter(
+            request.profile
+            for request in batch
+            if isinstance(request, ContinuedProcessingTaskRequest)
             and request.strategy is ContinuedProcessingStrategy.FAIL
         )
-        if must_start_now and not self.app.has_free_worker(request.profile):
-            raise ImmediateRunIneligible(
-                f"no live worker with a free slot satisfies {request.identifier!r} now; "
-                "use strategy=QUEUE to wait for one"
-            )
+        for profile, count in needed.items():
+            free = self.app.free_slots(profile)
+            if free < count:
+                raise ImmediateRunIneligible(
+                    f"{count} continued-processing request(s) must start now, but live workers "
+                    f"that can run them have {max(free, 0)} free slot(s); nothing was scheduled. "
+                    "Use strategy=QUEUE to wait for a worker"
+                )
 
     def cancel(self, identifier: str) -> bool:
         """Cancel the not-yet-started request with this identifier; True if there was one."""

@@ -24,6 +24,7 @@ NAMES = (
     "heartbeat",
     "workers",
     "lease",
+    "received",
 )
 
 

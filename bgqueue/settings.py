@@ -35,8 +35,6 @@ class Settings:
     claim_lease: float = 5.0
     dispatch_lease: float = 300.0
     sweep_interval: float = 1.0
-    # A termination grace: how long past its deadline a body may take to be killed.
-    kill_grace: float = 0.5
     claim_batch: int = 500
     history_limit: int = 1000
     max_attempts: int = 5
@@ -52,7 +50,6 @@ class Settings:
             claim_lease=_seconds("BGQUEUE_CLAIM_LEASE", base.claim_lease),
             dispatch_lease=_seconds("BGQUEUE_DISPATCH_LEASE", base.dispatch_lease),
             sweep_interval=_seconds("BGQUEUE_SWEEP_INTERVAL", base.sweep_interval),
-            kill_grace=_seconds("BGQUEUE_KILL_GRACE", base.kill_grace),
             claim_batch=int(_seconds("BGQUEUE_CLAIM_BATCH", base.claim_batch)),
             history_limit=int(_seconds("BGQUEUE_HISTORY_LIMIT", base.history_limit)),
             max_attempts=int(_seconds("BGQUEUE_MAX_ATTEMPTS", base.max_attempts)),

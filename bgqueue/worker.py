@@ -13,11 +13,12 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
 
-from bgqueue import conditions, runtime
+from bgqueue import conditions, keys, runtime
 from bgqueue.celery_config import celery_config
 
 if TYPE_CHECKING:
@@ -51,6 +52,16 @@ def add_celery_task(app: BackgroundApp, identifier: str, celery: Celery | None =
     target.task(name=identifier, acks_late=True, ignore_result=True)(run)
 
 
+def _for(celery: Celery, hook: Callable[..., None]) -> Callable[..., None]:
+    """A signal receiver that calls `hook` only for signals sent by this Celery app."""
+
+    def receiver(sender: Any = None, **kwargs: Any) -> None:
+        if getattr(sender, "app", None) is celery:
+            hook(**kwargs)
+
+    return receiver
+
+
 class Heartbeat:
     """The worker's main-process side: picks queues, announces conditions, leaves cleanly."""
 
@@ -72,27 +83,20 @@ class Heartbeat:
             if instance.app is celery:
                 beat.setup(sender, instance)
 
-        def ready(sender: Any, **_: Any) -> None:
-            if sender.app is celery:
-                beat.start()
-
-        def shutdown(sender: Any, **_: Any) -> None:
-            if sender.app is celery:
-                beat.stop()
-
-        def unknown(sender: Any, message: Any, name: str, **_: Any) -> None:
-            if sender.app is celery:
-                beat.refuse_unknown(name, message)
-
         def pool_process_init(**_: Any) -> None:
             runtime.context.pool_process = True
 
         # weak=False: the closures would otherwise be collected at once.
         signals.celeryd_after_setup.connect(after_setup, weak=False)
-        signals.worker_ready.connect(ready, weak=False)
-        signals.worker_shutdown.connect(shutdown, weak=False)
         signals.worker_process_init.connect(pool_process_init, weak=False)
-        signals.task_unknown.connect(unknown, weak=False)
+        hooks: list[tuple[Any, Callable[..., None]]] = [
+            (signals.worker_ready, lambda **_: beat.start()),
+            (signals.worker_shutdown, lambda **_: beat.stop()),
+            (signals.task_unknown, lambda message, name, **_: beat.refuse_unknown(name, message)),
+            (signals.task_received, lambda request, **_: beat.received(request)),
+        ]
+        for signal, hook in hooks:
+            signal.connect(_for(celery, hook), weak=False)
 
     def setup(self, nodename: str, worker: Any) -> None:
         """Before consuming: learn the name and conditions, subscribe to eligible queues."""
@@ -123,6 +127,20 @@ class Heartbeat:
             control.cancel_consumer(name, destination=to)
         for name in sorted(new - old):
             control.add_consumer(name, exchange=name, routing_key=name, destination=to)
+
+    def received(self, request: Any) -> None:
+        """Tie a received message's dispatch lease to this worker's liveness (see
+        lua/received.lua): a worker killed before the start loses seconds, not minutes."""
+        try:
+            scope = request.kwargs["scope"]
+        except (TypeError, KeyError):
+            return  # not a bgqueue message
+        member = keys.member(scope, request.name)
+        lease_ms = int(self.app.settings.heartbeat_timeout * 1000)
+        try:
+            self.app.call("received", [self.app.keys.leases], [member, lease_ms])
+        except Exception as exc:  # the long lease still recovers it; never block consuming
+            log.warning("could not shorten the dispatch lease: %s", type(exc).__name__)
 
     def refuse_unknown(self, name: str, message: Any) -> None:
         """A request for an identifier with no handler on this worker fails visibly instead

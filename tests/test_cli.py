@@ -1,0 +1,321 @@
+"""The `bgqueue` command line and `celery -A ... worker`, run as real subprocesses
+against the test Redis: commands print what they did, errors are one line."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+
+import bgqueue as bg
+from bgqueue import keys
+from bgqueue.embedded import free_port
+from tests.harness import APP_ID, FAST, SAMPLE_APP, Cluster, events, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "com.bgqueue.test."
+COMMANDS = ("beat", "cancel", "demo", "flower", "pending", "simulate", "status", "submit", "worker")
+
+
+def cli(redis_url: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run `python -m bgqueue ARGS` from the repository root with the test broker."""
+    env = {**os.environ, **FAST, "BGQUEUE_BROKER_URL": redis_url}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return subprocess.run(
+        [sys.executable, "-m", "bgqueue", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def ok(done: subprocess.CompletedProcess[str]) -> str:
+    """The stdout of a command that must have succeeded cleanly."""
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    return done.stdout
+
+
+def pending_by_id(app: bg.BackgroundApp, scope: str = "default") -> dict[str, bg.BGTaskRequest]:
+    return {r.identifier: r for r in app.scheduler_for(scope).pending_task_requests()}
+
+
+# --- producer commands ---------------------------------------------------------------
+
+
+def test_submit_pending_and_cancel_do_and_print_what_they_did(
+    redis_url: str, sample_app: bg.BackgroundApp
+) -> None:
+    """`submit` stores the request as given (kind, date, flags, payload, scope), `pending`
+    lists it, `cancel IDENT` and `cancel --all` remove exactly what they report."""
+    a, b, c = (PREFIX + n for n in ("a", "b", "c"))
+    before = datetime.now(UTC)
+    out = ok(
+        cli(redis_url, "submit", "--app", SAMPLE_APP, a, "--in", "3600", "--payload", '{"n": 1}')
+    )
+    assert out.strip() == f"submitted {a} (processing) in scope default"
+    out = ok(
+        cli(
+            redis_url,
+            "submit",
+            "--app",
+            SAMPLE_APP,
+            "--scope",
+            "dev-1",
+            b,
+            "--kind",
+            "refresh",
+            "--network",
+            "--power",
+        )
+    )
+    assert out.strip() == f"submitted {b} (refresh) in scope dev-1"
+    ok(cli(redis_url, "submit", "--app", SAMPLE_APP, "--scope", "dev-1", c, "--in", "60"))
+
+    stored = pending_by_id(sample_app)[a]
+    assert isinstance(stored, bg.ProcessingTaskRequest) and stored.payload == {"n": 1}
+    assert stored.earliest_begin_date is not None
+    assert timedelta(seconds=3590) < stored.earliest_begin_date - before < timedelta(seconds=3610)
+    refresh = pending_by_id(sample_app, "dev-1")[b]
+    assert isinstance(refresh, bg.AppRefreshTaskRequest)
+    assert refresh.requires_network_connectivity and refresh.requires_external_power
+
+    lines = ok(cli(redis_url, "pending", "--app", SAMPLE_APP)).splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{a}\tprocessing\tnot before 20")
+    assert lines[0].endswith("\t-")
+    lines = ok(cli(redis_url, "pending", "--app", SAMPLE_APP, "--scope", "dev-1")).splitlines()
+    assert lines[0] == f"{b}\trefresh\tnot before now\tnetwork,power"
+    assert lines[1].startswith(f"{c}\tprocessing\tnot before 20")
+
+    assert ok(cli(redis_url, "cancel", "--app", SAMPLE_APP, a)).strip() == "cancelled 1"
+    assert ok(cli(redis_url, "cancel", "--app", SAMPLE_APP, a)).strip() == "cancelled 0"
+    assert pending_by_id(sample_app) == {}
+    cancelled = sample_app.scheduler.history()
+    assert [(r.identifier, r.state) for r in cancelled] == [(a, "cancelled")]
+
+    out = ok(cli(redis_url, "cancel", "--app", SAMPLE_APP, "--scope", "dev-1", "--all"))
+    assert out.strip() == "cancelled 2"
+    assert pending_by_id(sample_app, "dev-1") == {}
+    assert ok(cli(redis_url, "pending", "--app", SAMPLE_APP, "--scope", "dev-1")) == ""
+
+
+def test_simulate_launch_expire_and_status_against_a_live_worker(
+    cluster: Cluster, sample_app: bg.BackgroundApp, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """`status` shows the beat leader, the worker with its conditions, pending counts and
+    the running task; `simulate launch` starts a far-future request now and `simulate
+    expire` calls the running task's expiration handler."""
+    slow = PREFIX + "slow"
+    cluster.worker(
+        "cli-w",
+        conditions=["external_power=false"],
+        concurrency=1,
+        env={"TEST_PROCESSING_BUDGET": "60"},
+    )
+    beat = cluster.beat()
+    wait_for(lambda: redis_client.get(keys.BEAT_LEASE), 15, "beat to lead")
+    ok(
+        cli(
+            redis_url,
+            "submit",
+            "--app",
+            SAMPLE_APP,
+            slow,
+            "--in",
+            "3600",
+            "--payload",
+            '{"sleep": 30, "expiration": "complete"}',
+        )
+    )
+
+    report = ok(cli(redis_url, "status"))
+    assert f"beat: {socket.gethostname()}:{beat.pid}:" in report
+    worker_line = next(line for line in report.splitlines() if "cli-w" in line)
+    assert "alive" in worker_line and "busy 0/1" in worker_line
+    assert "external_power=false" in worker_line and "data_protection=complete" in worker_line
+    assert f"app {APP_ID}" in report
+    assert "pending: 1 (due now: 0, not yet due: 1)" in report
+    assert "running: 0" in report
+
+    out = ok(cli(redis_url, "simulate", "--app", SAMPLE_APP, "launch", slow))
+    assert out.strip() == f"launching {slow}"
+    start = wait_for(lambda: events(redis_client, "start", slow), 15, "the launched run")[0]
+    assert start["worker"] == "cli-w"
+
+    report = ok(cli(redis_url, "status"))
+    assert "pending: 0 (due now: 0, not yet due: 0)" in report
+    assert "running: 1" in report
+    assert f"#{start['gen']} default/{slow} (processing) on cli-w" in report
+
+    out = ok(cli(redis_url, "simulate", "--app", SAMPLE_APP, "expire", slow))
+    assert out.strip() == f"expiring 1 running task(s) of {slow}"
+    wait_for(lambda: events(redis_client, "expiration", slow), 10, "the expiration handler")
+    record = wait_for(lambda: sample_app.scheduler.history(), 10, "the run's record")[0]
+    assert (record.identifier, record.state, record.success) == (slow, "completed", False)
+    # Nothing is running now, so there is nothing to expire: an error, not a silent no-op.
+    failed = cli(redis_url, "simulate", "--app", SAMPLE_APP, "expire", slow)
+    assert failed.returncode != 0 and failed.stderr.startswith("error: no running task")
+
+
+# --- errors --------------------------------------------------------------------------
+
+ERRORS: dict[str, tuple[Callable[[int], list[str]], str]] = {
+    "not-permitted": (
+        lambda _: ["submit", "--app", SAMPLE_APP, "com.elsewhere.job"],
+        "not in the permitted identifiers",
+    ),
+    "bad-condition-value": (
+        lambda _: ["worker", "--app", SAMPLE_APP, "--condition", "network=carrier-pigeon"],
+        "condition network must be one of",
+    ),
+    "bad-condition-shape": (
+        lambda _: ["worker", "--app", SAMPLE_APP, "--condition", "external_power"],
+        "must look like KEY=VALUE",
+    ),
+    "bad-payload": (
+        lambda _: ["submit", "--app", SAMPLE_APP, PREFIX + "a", "--payload", "{not json"],
+        "--payload is not JSON",
+    ),
+    "unknown-app-module": (
+        lambda _: ["pending", "--app", "tests.apps.no_such_module:app"],
+        "cannot import 'tests.apps.no_such_module'",
+    ),
+    "unreachable-broker": (
+        lambda port: [
+            "submit",
+            "--app",
+            SAMPLE_APP,
+            PREFIX + "a",
+            "--broker",
+            f"redis://127.0.0.1:{port}/0",
+        ],
+        "cannot reach the broker at redis://127.0.0.1:{port}/0",
+    ),
+    "unreachable-broker-status": (
+        lambda port: ["status", "--broker", f"redis://127.0.0.1:{port}/0"],
+        "cannot reach the broker at redis://127.0.0.1:{port}/0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_errors_print_one_line_and_change_nothing(
+    case: str, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Each bad input exits non-zero with exactly one stderr line starting with 'error:'
+    that says what is wrong, no traceback anywhere, and nothing written to Redis."""
+    port = free_port()  # nothing listens there
+    make_args, expected = ERRORS[case]
+    started = time.monotonic()
+    done = cli(redis_url, *make_args(port))
+    assert done.returncode != 0
+    assert "Traceback" not in done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ")
+    assert expected.format(port=port) in lines[0]
+    assert time.monotonic() - started < 15
+    assert redis_client.keys("bgqueue:*") == []  # nothing submitted, no worker announced
+
+
+# --- entry points --------------------------------------------------------------------
+
+
+def test_help_and_installed_console_script() -> None:
+    """`python -m bgqueue --help` and the installed `.venv/bin/bgqueue --help` both list
+    every command and exit 0."""
+    script = ROOT / ".venv" / "bin" / "bgqueue"
+    assert script.is_file() and os.access(script, os.X_OK)
+    for argv in ([sys.executable, "-m", "bgqueue", "--help"], [str(script), "--help"]):
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        listed = {
+            line.split()[0]
+            for line in done.stdout.split("Commands:")[1].splitlines()
+            if line.strip()
+        }
+        assert listed == set(COMMANDS)
+
+
+def test_celery_command_runs_the_same_worker(
+    cluster: Cluster, sample_app: bg.BackgroundApp, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """`celery -A MODULE:ATTR worker` on an app's Celery app is a full bgqueue worker: it
+    heartbeats under its Celery nodename, runs a dispatched request (recorded with that
+    name) and leaves the worker list on SIGTERM.
+
+    The documented form `-A tests.apps.sample:app.celery` does not load with Celery 5.7
+    (kombu's symbol_by_name takes one attribute after the colon), so this runs the same
+    Celery app through a one-line module exposing it as `celery` (see the test report)."""
+    nodename = f"celery@{socket.gethostname()}"
+    (tmp_path / "celery_entry.py").write_text(
+        "from tests.apps.sample import app\n\ncelery = app.celery\n"
+    )
+    cluster.beat()
+    env = {**cluster.env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    env.pop("BGQUEUE_WORKER_NAME", None)
+    env.pop("BGQUEUE_CONDITIONS", None)
+    log_path = tmp_path / "celery-worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "celery_entry:celery",
+                "worker",
+                "--pool=prefork",
+                "--concurrency=1",
+                "--without-mingle",
+                "--without-gossip",
+                "--loglevel=INFO",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(
+            lambda: cluster.worker_alive(nodename) or worker.poll() is not None,
+            30,
+            "the celery worker's heartbeat",
+        )
+        assert worker.poll() is None, log_path.read_text()
+        sample_app.scheduler.submit(
+            bg.ProcessingTaskRequest(PREFIX + "process", payload={"complete": True})
+        )
+        record = wait_for(lambda: sample_app.scheduler.history(), 20, "the run's record")[0]
+        assert (record.identifier, record.state, record.success) == (
+            PREFIX + "process",
+            "completed",
+            True,
+        )
+        assert record.worker == nodename
+
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(15)
+        # A graceful stop announces leaving, so beat stops counting on it at once.
+        assert redis_client.zscore(keys.AppKeys(APP_ID).alive, nodename) is None
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
