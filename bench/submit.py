@@ -29,7 +29,10 @@ def bench_submit(app: bg.BackgroundApp, n: int) -> float:
     # One identifier per scope keeps every request pending (no replacement, no limit hit).
     later = datetime.now(UTC) + timedelta(days=1)
     requests = [
-        (app.scheduler_for(f"s{i}"), bg.ProcessingTaskRequest("bench.noop", earliest_begin_date=later))
+        (
+            app.scheduler_for(f"s{i}"),
+            bg.ProcessingTaskRequest("bench.noop", earliest_begin_date=later),
+        )
         for i in range(n)
     ]
     start = time.perf_counter()
@@ -43,7 +46,10 @@ def bench_submit_many(app: bg.BackgroundApp, n: int, batch: int) -> float:
     scheduler = app.scheduler_for("many")
     # Distinct identifiers in one scope would hit the 10-pending limit; lift it for the bench.
     batches = [
-        [bg.ProcessingTaskRequest(f"bench.many.{b}.{i}", earliest_begin_date=later) for i in range(batch)]
+        [
+            bg.ProcessingTaskRequest(f"bench.many.{b}.{i}", earliest_begin_date=later)
+            for i in range(batch)
+        ]
         for b in range(n // batch)
     ]
     start = time.perf_counter()
@@ -77,8 +83,9 @@ def main() -> None:
         server.start()
         try:
             limits = bg.Limits(max_pending_processing=args.many)
-            app = bg.BackgroundApp("bench", permitted_identifiers=["bench.*"],
-                                   broker_url=server.url, limits=limits)
+            app = bg.BackgroundApp(
+                "bench", permitted_identifiers=["bench.*"], broker_url=server.url, limits=limits
+            )
             app.scheduler.pending_task_requests()  # connect and load scripts before timing
             celery_rate = bench_celery(server.url, args.n)
             submit_rate = bench_submit(app, args.n)

@@ -209,11 +209,19 @@ class Beat:
             return
         members = [m.decode() for m in lapsed]
         script_keys = [app.leases] + [app.requests(keys.split_member(m)[0]) for m in members]
-        claim_ms = int(self.settings.claim_lease * 1000)
-        claimed = _claimed(self.scripts.lapsed(keys=script_keys, args=[claim_ms, *members]))
-        if claimed:
-            log.warning("publishing %d lapsed dispatch(es) of %s again", len(claimed), app.app_id)
-        self.publish(app, claimed)
+        lease_ms = int(self.settings.dispatch_lease * 1000)
+        lapsed_claims = _claimed(self.scripts.lapsed(keys=script_keys, args=[lease_ms, *members]))
+        # A message still queued behind others is not lost, only waiting: its lease was
+        # renewed above, and publishing it again would only grow the backlog.
+        profiles = sorted({item.profile for item in lapsed_claims})
+        with self.client.pipeline(transaction=False) as pipe:
+            for profile in profiles:
+                pipe.llen(app.queue(profile))
+            drained = {p for p, length in zip(profiles, pipe.execute(), strict=True) if not length}
+        again = [item for item in lapsed_claims if item.profile in drained]
+        if again:
+            log.warning("publishing %d lapsed dispatch(es) of %s again", len(again), app.app_id)
+        self.publish(app, again)
 
     def _sweep_runs(self, app: keys.AppKeys) -> None:
         batch = self.settings.claim_batch

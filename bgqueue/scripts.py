@@ -24,7 +24,6 @@ NAMES = (
     "heartbeat",
     "workers",
     "lease",
-    "received",
 )
 
 

@@ -33,7 +33,9 @@ class Settings:
     heartbeat_timeout: float = 5.0
     beat_lease: float = 5.0
     claim_lease: float = 5.0
-    dispatch_lease: float = 300.0
+    # A dispatched request not started within this is published again, but only once its
+    # queue is empty: then its message was either lost or is held by a worker about to start.
+    dispatch_lease: float = 5.0
     sweep_interval: float = 1.0
     claim_batch: int = 500
     history_limit: int = 1000

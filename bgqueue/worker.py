@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
 
-from bgqueue import conditions, keys, runtime
+from bgqueue import conditions, runtime
 from bgqueue.celery_config import celery_config
 
 if TYPE_CHECKING:
@@ -93,7 +93,6 @@ class Heartbeat:
             (signals.worker_ready, lambda **_: beat.start()),
             (signals.worker_shutdown, lambda **_: beat.stop()),
             (signals.task_unknown, lambda message, name, **_: beat.refuse_unknown(name, message)),
-            (signals.task_received, lambda request, **_: beat.received(request)),
         ]
         for signal, hook in hooks:
             signal.connect(_for(celery, hook), weak=False)
@@ -127,20 +126,6 @@ class Heartbeat:
             control.cancel_consumer(name, destination=to)
         for name in sorted(new - old):
             control.add_consumer(name, exchange=name, routing_key=name, destination=to)
-
-    def received(self, request: Any) -> None:
-        """Tie a received message's dispatch lease to this worker's liveness (see
-        lua/received.lua): a worker killed before the start loses seconds, not minutes."""
-        try:
-            scope = request.kwargs["scope"]
-        except (TypeError, KeyError):
-            return  # not a bgqueue message
-        member = keys.member(scope, request.name)
-        lease_ms = int(self.app.settings.heartbeat_timeout * 1000)
-        try:
-            self.app.call("received", [self.app.keys.leases], [member, lease_ms])
-        except Exception as exc:  # the long lease still recovers it; never block consuming
-            log.warning("could not shorten the dispatch lease: %s", type(exc).__name__)
 
     def refuse_unknown(self, name: str, message: Any) -> None:
         """A request for an identifier with no handler on this worker fails visibly instead

@@ -32,6 +32,7 @@ FAST = {
     "BGQUEUE_HEARTBEAT_TIMEOUT": "1.5",
     "BGQUEUE_BEAT_LEASE": "1.5",
     "BGQUEUE_CLAIM_LEASE": "1",
+    "BGQUEUE_DISPATCH_LEASE": "1.5",
     "BGQUEUE_SWEEP_INTERVAL": "0.3",
 }
 
@@ -56,7 +57,8 @@ def events(
     """Events recorded by the sample app's handlers, oldest first, optionally filtered."""
     found = [json.loads(raw) for raw in client.lrange(EVENTS, 0, -1)]
     return [
-        e for e in found
+        e
+        for e in found
         if (event is None or e["event"] == event) and (identifier is None or e["id"] == identifier)
     ]
 
@@ -70,7 +72,10 @@ class Proc:
         with open(log_path, "ab") as log:
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", "bgqueue", *args],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # so kill() reaches the whole process group (pool too)
             )
 

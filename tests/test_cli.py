@@ -1,4 +1,4 @@
-"""The `bgqueue` command line and `celery -A ... worker`, run as real subprocesses
+"""The `bgqueue` command line and `celery -A MODULE:app.celery ...`, run as real subprocesses
 against the test Redis: commands print what they did, errors are one line."""
 
 from __future__ import annotations
@@ -249,22 +249,49 @@ def test_help_and_installed_console_script() -> None:
         assert listed == set(COMMANDS)
 
 
+def test_celery_report_loads_the_documented_app_path() -> None:
+    """`celery -A tests.apps.sample:app.celery report` loads the app's Celery app by the
+    documented dotted path, without a broker, exits 0 and shows its config with the broker
+    password masked."""
+    port = free_port()  # nothing listens there: loading the app must not connect
+    env = {**os.environ, "BGQUEUE_BROKER_URL": f"redis://:s3cret-pw@127.0.0.1:{port}/0"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", f"{SAMPLE_APP}.celery", "report"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 10
+    assert "Traceback" not in done.stdout + done.stderr
+    assert f"broker_url: 'redis://:********@127.0.0.1:{port}/0'" in done.stdout
+    assert "s3cret" not in done.stdout + done.stderr
+    # The sample app's own Celery config, not a default app's.
+    assert f"task_default_queue: 'bgqueue.{APP_ID}.p0'" in done.stdout
+    # A wrong attribute path fails: exit 0 above means the dotted path resolved.
+    wrong = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", f"{SAMPLE_APP}.no_such_attr", "report"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert wrong.returncode != 0
+
+
 def test_celery_command_runs_the_same_worker(
     cluster: Cluster, sample_app: bg.BackgroundApp, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    """`celery -A MODULE:ATTR worker` on an app's Celery app is a full bgqueue worker: it
-    heartbeats under its Celery nodename, runs a dispatched request (recorded with that
-    name) and leaves the worker list on SIGTERM.
-
-    The documented form `-A tests.apps.sample:app.celery` does not load with Celery 5.7
-    (kombu's symbol_by_name takes one attribute after the colon), so this runs the same
-    Celery app through a one-line module exposing it as `celery` (see the test report)."""
+    """`celery -A tests.apps.sample:app.celery worker` (the documented form) is a full
+    bgqueue worker: it heartbeats under its Celery nodename, runs a dispatched request
+    (recorded with that name) and leaves the worker list on SIGTERM."""
     nodename = f"celery@{socket.gethostname()}"
-    (tmp_path / "celery_entry.py").write_text(
-        "from tests.apps.sample import app\n\ncelery = app.celery\n"
-    )
     cluster.beat()
-    env = {**cluster.env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    env = dict(cluster.env)
     env.pop("BGQUEUE_WORKER_NAME", None)
     env.pop("BGQUEUE_CONDITIONS", None)
     log_path = tmp_path / "celery-worker.log"
@@ -275,13 +302,12 @@ def test_celery_command_runs_the_same_worker(
                 "-m",
                 "celery",
                 "-A",
-                "celery_entry:celery",
+                "tests.apps.sample:app.celery",
                 "worker",
                 "--pool=prefork",
                 "--concurrency=1",
                 "--without-mingle",
                 "--without-gossip",
-                "--loglevel=INFO",
             ],
             cwd=ROOT,
             env=env,

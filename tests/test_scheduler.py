@@ -66,8 +66,13 @@ def written(app: bg.BackgroundApp, redis_client: redis.Redis) -> dict[bytes, Any
     return snapshot(redis_client)
 
 
-def due_score(client: redis.Redis, app: bg.BackgroundApp, profile: int, identifier: str,
-              scope: str = "default") -> float | None:
+def due_score(
+    client: redis.Redis,
+    app: bg.BackgroundApp,
+    profile: int,
+    identifier: str,
+    scope: str = "default",
+) -> float | None:
     return client.zscore(app.keys.due(profile), keys.member(scope, identifier))
 
 
@@ -316,8 +321,9 @@ def test_identifier_not_permitted(
         app.scheduler.submit(bg.ProcessingTaskRequest(identifier))
     assert (caught.value.code, caught.value.domain) == (3, APPLE_DOMAIN)
     with pytest.raises(bg.NotPermitted):
-        app.scheduler.submit_many([bg.ProcessingTaskRequest(job("fine")),
-                                   bg.ProcessingTaskRequest(identifier)])
+        app.scheduler.submit_many(
+            [bg.ProcessingTaskRequest(job("fine")), bg.ProcessingTaskRequest(identifier)]
+        )
     assert snapshot(redis_client) == written
 
 
@@ -400,9 +406,11 @@ def test_bad_request_raises_parameter_error_and_writes_nothing(
     assert isinstance(caught.value, ValueError)
 
     # Requests are mutable: a field broken after construction is caught by submit.
-    request = cls(job("bad"), strategy=bg.ContinuedProcessingStrategy.QUEUE) if (
-        cls is bg.ContinuedProcessingTaskRequest
-    ) else cls(job("bad"))
+    request = (
+        cls(job("bad"), strategy=bg.ContinuedProcessingStrategy.QUEUE)
+        if (cls is bg.ContinuedProcessingTaskRequest)
+        else cls(job("bad"))
+    )
     for name, value in bad.items():
         setattr(request, name, value)
     with pytest.raises(bg.ParameterError):
@@ -474,8 +482,15 @@ def test_bad_scheduler_arguments(
 
 
 @pytest.mark.parametrize(
-    "field", ["max_pending_refresh", "max_pending_processing", "refresh_time_budget",
-              "processing_time_budget", "expiration_warning", "transient_daily_quota"]
+    "field",
+    [
+        "max_pending_refresh",
+        "max_pending_processing",
+        "refresh_time_budget",
+        "processing_time_budget",
+        "expiration_warning",
+        "transient_daily_quota",
+    ],
 )
 @pytest.mark.parametrize("value", [-1, 0, -0.5, True, "10", None])
 def test_limits_reject_non_positive_or_non_numbers(field: str, value: Any) -> None:
@@ -545,7 +560,11 @@ def test_cancel_before_dispatch(app: bg.BackgroundApp, redis_client: redis.Redis
     app.scheduler.submit(bg.AppRefreshTaskRequest(job("r2")))
     [entry] = app.scheduler.history()
     assert (entry.identifier, entry.scope, entry.kind, entry.state, entry.success) == (
-        REFRESH, "default", "refresh", "cancelled", False
+        REFRESH,
+        "default",
+        "refresh",
+        "cancelled",
+        False,
     )
     assert entry.started_at is None and entry.worker is None
     assert entry.finished_at is not None
@@ -620,10 +639,13 @@ def test_replaced_future_request_runs_once_when_resubmitted_due_now(
 ) -> None:
     """A far-future request replaced by a due-now one runs once, with the new payload."""
     name = SAMPLE + "process"
-    sample_app.scheduler.submit(bg.ProcessingTaskRequest(
-        name, earliest_begin_date=datetime.now(UTC) + timedelta(days=1),
-        payload={"v": 1, "complete": True},
-    ))
+    sample_app.scheduler.submit(
+        bg.ProcessingTaskRequest(
+            name,
+            earliest_begin_date=datetime.now(UTC) + timedelta(days=1),
+            payload={"v": 1, "complete": True},
+        )
+    )
     sample_app.scheduler.submit(bg.ProcessingTaskRequest(name, payload={"v": 2, "complete": True}))
     cluster.beat()
     cluster.worker(concurrency=1)
@@ -654,8 +676,10 @@ def test_cancel_and_replace_after_dispatch(
     scheduler.submit(bg.ProcessingTaskRequest(cancelled, payload={"complete": True}))
     scheduler.submit(bg.ProcessingTaskRequest(replaced, payload={"v": 1, "complete": True}))
     for name in (cancelled, replaced):
-        wait_for(lambda n=name: (sample_record(redis_client, n) or {}).get("s") == "dispatched",
-                 message=f"{name} dispatched")
+        wait_for(
+            lambda n=name: (sample_record(redis_client, n) or {}).get("s") == "dispatched",
+            message=f"{name} dispatched",
+        )
     assert events(redis_client, "end", slow) == []  # still inside the window we want
     assert scheduler.cancel(cancelled) is True
     scheduler.submit(bg.ProcessingTaskRequest(replaced, payload={"v": 2, "complete": True}))
@@ -679,10 +703,13 @@ def test_simulate_launch_runs_a_future_request_promptly(
     future, marker = SAMPLE + "c", SAMPLE + "a"
     cluster.beat()
     cluster.worker(concurrency=1)
-    sample_app.scheduler.submit(bg.ProcessingTaskRequest(
-        future, earliest_begin_date=datetime.now(UTC) + timedelta(hours=1),
-        payload={"complete": True},
-    ))
+    sample_app.scheduler.submit(
+        bg.ProcessingTaskRequest(
+            future,
+            earliest_begin_date=datetime.now(UTC) + timedelta(hours=1),
+            payload={"complete": True},
+        )
+    )
     # A due-now request submitted after it runs: beat and the worker are serving.
     sample_app.scheduler.submit(bg.ProcessingTaskRequest(marker, payload={"complete": True}))
     wait_for(lambda: finished(sample_app, marker), message="the due-now request")
@@ -691,8 +718,9 @@ def test_simulate_launch_runs_a_future_request_promptly(
 
     started = time.monotonic()
     assert sample_app.scheduler.simulate_launch(future) is True
-    wait_for(lambda: events(redis_client, "start", future), timeout=5,
-             message="the simulated launch")
+    wait_for(
+        lambda: events(redis_client, "start", future), timeout=5, message="the simulated launch"
+    )
     print(f"simulate_launch → start: {(time.monotonic() - started) * 1000:.1f} ms")
     wait_for(lambda: finished(sample_app, future), message="the launched request to finish")
     assert sample_app.scheduler.simulate_launch(future) is False  # it ran: nothing pending

@@ -1,12 +1,13 @@
 -- Renew the lease of dispatched requests whose lease lapsed (the claim was never
--- published, or its message was lost) and return them for publishing again. The
--- generation stays the same, so if the first message does arrive, only one starts.
+-- published, the message waits behind a backlog, or it was lost) and return them;
+-- beat publishes again those whose queue has drained. The generation stays the
+-- same, so if the first message does arrive, only one of the two starts.
 --
 -- KEYS[1]   leases
 -- KEYS[2..] req:<scope> of each candidate, in ARGV order
 -- ARGV[1]   new lease, ms
 -- ARGV[2..] candidate members, as read by ZRANGEBYSCORE
--- Returns a flat list: member, generation, record JSON for each request to publish.
+-- Returns a flat list: member, generation, record JSON for each renewed request.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
