@@ -128,13 +128,13 @@ def flower(broker: str | None, address: str, port: int, basic_auth: str | None) 
     """Run Flower on the broker, behind a login."""
     from bgqueue.flower import run_flower
 
-    run_flower(resolve_broker_url(broker), address, port, basic_auth or generated_login())
-
-
-def generated_login() -> str:
-    """$FLOWER_BASIC_AUTH, or a fresh random login printed once."""
-    login = os.environ.get("FLOWER_BASIC_AUTH") or f"admin:{secrets.token_urlsafe(12)}"
-    return login
+    login = basic_auth or os.environ.get("FLOWER_BASIC_AUTH")
+    if not login:
+        # Never an open Flower: with no login given, make one and show it once, here only.
+        login = f"admin:{secrets.token_urlsafe(12)}"
+        click.echo(f"Flower login (generated): {login}")
+    click.echo(f"Flower on http://{address}:{port}")
+    run_flower(resolve_broker_url(broker), address, port, login)
 
 
 @main.command()

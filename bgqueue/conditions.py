@@ -44,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 KEYS = (*CHOICES, "battery_level")
 LOW_BATTERY = 20
 LOW_STORAGE_BYTES = 1 << 30
+IDLE_LOAD_PER_CPU = 0.1  # one-minute load average per CPU under which a machine is idle
 
 
 def check(key: str, value: str) -> str:
@@ -105,10 +106,20 @@ def _probe_storage(path: str) -> str:
     return "low" if free < LOW_STORAGE_BYTES else "okay"
 
 
+def _probe_idle() -> str:
+    # Deep idle, as WorkScheduler means it: the machine has had next to nothing to do.
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return SAFE_DEFAULTS["idle"]
+    return "true" if load < IDLE_LOAD_PER_CPU * (os.cpu_count() or 1) else "false"
+
+
 def probe(path: str | None = None) -> dict[str, str]:
     """What this machine can tell about itself, safe defaults for the rest."""
     found = dict(SAFE_DEFAULTS)
     found["network"] = _probe_network()
+    found["idle"] = _probe_idle()
     found.update(_probe_power())
     found["storage"] = _probe_storage(path or os.getcwd())
     return found
