@@ -151,13 +151,22 @@ class BackgroundApp:
 
         The wake is a PUBLISH: it touches no key, so a refused call still changes nothing.
         """
+        lua = getattr(self.scripts, script)
         with service_errors(self.broker_url):
             if not wake:
-                return getattr(self.scripts, script)(keys=script_keys, args=args)
-            with self.client.pipeline(transaction=False) as pipe:
-                getattr(self.scripts, script)(keys=script_keys, args=args, client=pipe)
-                pipe.publish(keys.BEAT_WAKE, self.app_id)
-                return pipe.execute()[0]
+                return lua(keys=script_keys, args=args)
+            try:
+                return self._evalsha_and_wake(lua.sha, script_keys, args)
+            except redis.exceptions.NoScriptError:  # Redis restarted: its script cache is empty
+                self.client.script_load(lua.script)
+                return self._evalsha_and_wake(lua.sha, script_keys, args)
+
+    def _evalsha_and_wake(self, sha: str, script_keys: Sequence[str], args: Sequence[Any]) -> Any:
+        # EVALSHA by hand: redis-py's pipelined scripts cost a SCRIPT EXISTS round trip each.
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.evalsha(sha, len(script_keys), *script_keys, *args)
+            pipe.publish(keys.BEAT_WAKE, self.app_id)
+            return pipe.execute()[0]
 
     def service(self) -> AbstractContextManager[None]:
         """A context in which a lost broker connection raises ServiceError."""

@@ -102,3 +102,13 @@ def test_app_is_announced_after_a_broker_blip(
         assert client.sismember(keys.APPS, "com.ex")
     finally:
         client.close()
+
+
+def test_submit_survives_an_emptied_script_cache(redis_url: str, redis_client: redis.Redis) -> None:
+    """A restarted Redis has no Lua scripts cached; the next submit loads them and succeeds."""
+    app = bg.BackgroundApp("com.ex", permitted_identifiers=["com.ex.*"], broker_url=redis_url)
+    app.scheduler.submit(bg.ProcessingTaskRequest("com.ex.first"))
+    redis_client.script_flush()
+    app.scheduler.submit(bg.ProcessingTaskRequest("com.ex.second"))
+    pending = [r.identifier for r in app.scheduler.pending_task_requests()]
+    assert pending == ["com.ex.first", "com.ex.second"]
