@@ -75,9 +75,7 @@ def execute(
         req_keys = [app.keys.requests(scope), app.keys.leases, app.keys.due(profile)]
         app.call("release", req_keys, [scope, identifier, gen], wake=True)
         return {"outcome": "released", "reason": "requirements no longer hold on this worker"}
-    start_keys = [app.keys.requests(scope), app.keys.leases, app.keys.running, app.keys.runleases]
-    lease_ms = int(settings.heartbeat_timeout * 1000)
-    raw = app.call("start", start_keys, [scope, identifier, gen, context.name, lease_ms])
+    raw = _start(app, scope, identifier, gen)
     if raw is None:
         return {"outcome": "stale"}
     record = json.loads(raw)
@@ -94,14 +92,26 @@ def execute(
 
 def refuse(app: BackgroundApp, identifier: str, scope: str, gen: int, reason: str) -> bool:
     """Record a dispatched request as failed without running it (e.g. no handler here)."""
-    start_keys = [app.keys.requests(scope), app.keys.leases, app.keys.running, app.keys.runleases]
-    lease_ms = int(app.settings.heartbeat_timeout * 1000)
-    if app.call("start", start_keys, [scope, identifier, gen, context.name, lease_ms]) is None:
+    if _start(app, scope, identifier, gen) is None:
         return False
-    finish_keys = [app.keys.running, app.keys.runleases, app.keys.history(scope), app.keys.expire]
-    args = [gen, str(State.FAILED), 0, app.settings.history_limit, reason]
-    app.call("finish", finish_keys, args)
+    _finish(app, scope, gen, State.FAILED, False, reason)
     return True
+
+
+def _start(app: BackgroundApp, scope: str, identifier: str, gen: int) -> Any:
+    """start.lua: the running record's JSON, or None if the message is stale."""
+    script_keys = [app.keys.requests(scope), app.keys.leases, app.keys.running, app.keys.runleases]
+    lease_ms = int(app.settings.heartbeat_timeout * 1000)
+    return app.call("start", script_keys, [scope, identifier, gen, context.name, lease_ms])
+
+
+def _finish(
+    app: BackgroundApp, scope: str, gen: int, state: State, success: bool, reason: str
+) -> bool:
+    """finish.lua: False if the run had already been given up as lost."""
+    script_keys = [app.keys.running, app.keys.runleases, app.keys.history(scope), app.keys.expire]
+    args = [gen, str(state), int(success), app.settings.history_limit, reason]
+    return bool(app.call("finish", script_keys, args))
 
 
 class Run:
@@ -127,15 +137,7 @@ class Run:
             if self.outcome is not None:
                 return False
             self.outcome = (str(state), success)
-        app, scope = self.app, self.task.scope
-        finish_keys = [
-            app.keys.running,
-            app.keys.runleases,
-            app.keys.history(scope),
-            app.keys.expire,
-        ]
-        args = [self.gen, str(state), int(success), app.settings.history_limit, reason]
-        if not app.call("finish", finish_keys, args):
+        if not _finish(self.app, self.task.scope, self.gen, state, success, reason):
             log.warning(
                 "run %s of %s had been given up as lost; it ran twice",
                 self.gen,

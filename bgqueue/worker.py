@@ -77,11 +77,11 @@ class Heartbeat:
     @classmethod
     def attach(cls, app: BackgroundApp, celery: Celery) -> None:
         """Connect the worker signals for this Celery app (signals are process-global)."""
-        beat = cls(app, celery)
+        heartbeat = cls(app, celery)
 
         def after_setup(sender: str, instance: Any, **_: Any) -> None:
             if instance.app is celery:
-                beat.setup(sender, instance)
+                heartbeat.setup(sender, instance)
 
         def pool_process_init(**_: Any) -> None:
             runtime.context.pool_process = True
@@ -90,9 +90,9 @@ class Heartbeat:
         signals.celeryd_after_setup.connect(after_setup, weak=False)
         signals.worker_process_init.connect(pool_process_init, weak=False)
         hooks: list[tuple[Any, Callable[..., None]]] = [
-            (signals.worker_ready, lambda **_: beat.start()),
-            (signals.worker_shutdown, lambda **_: beat.stop()),
-            (signals.task_unknown, lambda message, name, **_: beat.refuse_unknown(name, message)),
+            (signals.worker_ready, lambda **_: heartbeat.start()),
+            (signals.worker_shutdown, lambda **_: heartbeat.stop()),
+            (signals.task_unknown, heartbeat.refuse_unknown),
         ]
         for signal, hook in hooks:
             signal.connect(_for(celery, hook), weak=False)
@@ -127,7 +127,7 @@ class Heartbeat:
         for name in sorted(new - old):
             control.add_consumer(name, exchange=name, routing_key=name, destination=to)
 
-    def refuse_unknown(self, name: str, message: Any) -> None:
+    def refuse_unknown(self, name: str, message: Any, **_: Any) -> None:
         """A request for an identifier with no handler on this worker fails visibly instead
         of being published again and again."""
         try:

@@ -569,3 +569,23 @@ def test_continued_processing_lives_by_progress(
     gen = started(redis_client, CONTINUED)["gen"]
     assert not events_of(redis_client, "expiration", CONTINUED, gen)
     assert len(events_of(redis_client, "end", CONTINUED, gen)) == 1
+
+
+def test_request_without_a_handler_on_the_worker_fails_visibly(
+    cluster: Cluster, sample_app: bg.BackgroundApp, redis_client: redis.Redis
+) -> None:
+    """A permitted identifier that no worker registered is recorded failed (naming the
+    missing handler) instead of being published again and again; the worker keeps serving."""
+    cluster.beat()
+    cluster.worker("w1", concurrency=1)
+    sample_app.scheduler.submit(bg.ProcessingTaskRequest("com.bgqueue.test.unhandled"))
+    record = wait_for(lambda: sample_app.scheduler.history(), message="the refused request")[0]
+    assert (record.identifier, record.state, record.success) == (
+        "com.bgqueue.test.unhandled",
+        "failed",
+        False,
+    )
+    assert "no launch handler" in record.reason and record.worker == "w1"
+    assert sample_app.scheduler.pending_task_requests() == []
+    sample_app.scheduler.submit(bg.ProcessingTaskRequest("com.bgqueue.test.a"))
+    wait_for(lambda: events(redis_client, "end", "com.bgqueue.test.a"), message="the next request")
