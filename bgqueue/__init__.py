@@ -74,3 +74,11 @@ __all__ = [
     "Unavailable",
     "WorkInfoCheckFailed",
 ]
+
+# -- transient delays --
+
+# -- continuous tasks --
+
+# -- efficiency resources --
+
+# -- work scheduler --

@@ -268,3 +268,11 @@ class BackgroundApp:
         running = Counter(json.loads(raw)["w"] for raw in running_raw)
         idle = sum(max(0, beat["concurrency"] - running[name]) for name, beat in capable.items())
         return int(idle - dispatched - sum(due))
+
+    # -- transient delays (bgqueue/transient.py) ----------------------------------------
+
+    # -- continuous tasks (bgqueue/continuous.py) ---------------------------------------
+
+    # -- efficiency resources (bgqueue/efficiency.py) -----------------------------------
+
+    # -- work scheduler (bgqueue/works.py) ----------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from bgqueue import keys
+from bgqueue import continuous, keys, works
 from bgqueue.broker import connect
 from bgqueue.celery_config import celery_config
 from bgqueue.conditions import profiles
@@ -31,6 +31,11 @@ from bgqueue.scripts import Scripts
 from bgqueue.settings import Settings
 
 log = logging.getLogger("bgqueue.beat")
+
+# Dispatchers of other kinds of work (continuous tasks, the work scheduler): each module
+# has `dispatch(beat, app, live) -> seconds until it next needs beat` and
+# `sweep(beat, app, live)`, called with the app's live workers' heartbeats.
+EXTENSIONS: tuple[Any, ...] = (continuous, works)
 
 MAX_SLEEP = 5.0  # stays under the client's socket timeout while blocked in BLPOP
 
@@ -131,23 +136,26 @@ class Beat:
         """Dispatch everything due and runnable; seconds until the next due request."""
         next_due = float("inf")
         for app in self.apps():
-            next_due = min(next_due, self._dispatch_app(app))
+            live = self.live_workers(app)
+            next_due = min(next_due, self._dispatch_app(app, live))
+            for extension in EXTENSIONS:
+                next_due = min(next_due, extension.dispatch(self, app, live))
         return next_due
 
-    def eligible_profiles(self, app: keys.AppKeys) -> set[int]:
-        """Profiles some live worker of the app satisfies."""
+    def live_workers(self, app: keys.AppKeys) -> dict[str, dict[str, Any]]:
+        """Heartbeats of the app's live workers, by name (judged on the server's clock)."""
         forget_ms = int(self.settings.heartbeat_timeout * 1000 * 60)
         raw = self.scripts.workers(keys=[app.workers, app.alive], args=[forget_ms])
         now = int(raw[0])
         self.offset = now / 1000 - time.time()
-        found: set[int] = set()
-        for i in range(1, len(raw), 3):
-            if float(raw[i + 1]) > now:
-                found.update(profiles(json.loads(raw[i + 2])["conditions"]))
-        return found
+        return {
+            raw[i].decode(): json.loads(raw[i + 2])
+            for i in range(1, len(raw), 3)
+            if float(raw[i + 1]) > now
+        }
 
-    def _dispatch_app(self, app: keys.AppKeys) -> float:
-        eligible = sorted(self.eligible_profiles(app))
+    def _dispatch_app(self, app: keys.AppKeys, live: dict[str, dict[str, Any]]) -> float:
+        eligible = sorted({p for beat in live.values() for p in profiles(beat["conditions"])})
         batch = self.settings.claim_batch
         while eligible:
             with self.client.pipeline(transaction=False) as pipe:
@@ -201,6 +209,9 @@ class Beat:
         for app in self.apps():
             self._sweep_dispatches(app)
             self._sweep_runs(app)
+            live = self.live_workers(app)
+            for extension in EXTENSIONS:
+                extension.sweep(self, app, live)
 
     def _sweep_dispatches(self, app: keys.AppKeys) -> None:
         batch = self.settings.claim_batch

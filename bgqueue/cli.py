@@ -72,6 +72,7 @@ def main() -> None:
     help="Override a probed condition, e.g. external_power=false (repeatable).",
 )
 @click.option("--concurrency", type=click.IntRange(1, 512), default=None, help="Pool processes.")
+@click.option("--continuous", is_flag=True, help="Also run continuous (long-running) tasks.")
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(
     app_spec: str,
@@ -79,11 +80,13 @@ def worker(
     name: str | None,
     conditions: tuple[str, ...],
     concurrency: int | None,
+    continuous: bool,
     loglevel: str,
 ) -> None:
     """Run a worker for an app's registered handlers."""
-    from bgqueue.worker import CONDITIONS_ENV, NAME_ENV
+    from bgqueue.worker import CONDITIONS_ENV, CONTINUOUS_ENV, NAME_ENV
 
+    os.environ[CONTINUOUS_ENV] = "1" if continuous else "0"
     overrides = parse_overrides(conditions)
     app = _app(app_spec, broker)
     name = name or f"{socket.gethostname()}-{os.getpid()}"

@@ -72,3 +72,20 @@ class AppKeys:
     def queue(self, profile: int) -> str:
         """The Celery queue carrying dispatched requests of one profile."""
         return f"bgqueue.{self.app_id}.p{profile}"
+
+    def worker_queue(self, worker: str) -> str:
+        """The Celery queue of one worker: work that beat routes to that worker alone."""
+        return f"bgqueue.{self.app_id}.worker.{worker}"
+
+    @property
+    def continuous_queue(self) -> str:
+        """The Celery queue of continuous tasks, consumed by workers started with --continuous."""
+        return f"bgqueue.{self.app_id}.continuous"
+
+    # -- transient delays (bgqueue/transient.py) --
+
+    # -- efficiency resources (bgqueue/efficiency.py) --
+
+    # -- continuous tasks (bgqueue/continuous.py) --
+
+    # -- work scheduler (bgqueue/works.py) --

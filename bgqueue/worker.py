@@ -28,6 +28,7 @@ log = logging.getLogger("bgqueue.worker")
 
 NAME_ENV = "BGQUEUE_WORKER_NAME"
 CONDITIONS_ENV = "BGQUEUE_CONDITIONS"  # "key=value,key=value", set by `bgqueue worker --condition`
+CONTINUOUS_ENV = "BGQUEUE_CONTINUOUS"  # "1": serve continuous tasks, set by `--continuous`
 
 
 def make_celery(app: BackgroundApp) -> Celery:
@@ -108,9 +109,22 @@ class Heartbeat:
         self.nodename = nodename
         found = runtime.context.conditions(0)
         queues = self.celery.amqp.queues
-        for name in self.queues(found):
+        for name in self.queues(found) | self.own_queues():
             queues.select_add(name, exchange=name, routing_key=name)
         log.info("worker %s conditions %s", runtime.context.name, found)
+
+    def own_queues(self) -> set[str]:
+        """Queues that do not depend on conditions: this worker's own (beat routes work there
+        after matching its conditions itself) and, if it serves them, continuous tasks."""
+        own = {self.app.keys.worker_queue(runtime.context.name)}
+        if self.serves_continuous:
+            own.add(self.app.keys.continuous_queue)
+        return own
+
+    @property
+    def serves_continuous(self) -> bool:
+        """Whether this worker runs continuous tasks (`bgqueue worker --continuous`)."""
+        return os.environ.get(CONTINUOUS_ENV) == "1"
 
     def queues(self, found: dict[str, str]) -> set[str]:
         """The queues of every requirement profile these conditions satisfy."""
@@ -173,6 +187,7 @@ class Heartbeat:
             "conditions": found,
             "concurrency": self.concurrency,
             "busy": len(state.active_requests),
+            "continuous": self.serves_continuous,
             "host": socket.gethostname(),
             "pid": os.getpid(),
         }

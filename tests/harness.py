@@ -137,14 +137,22 @@ class Cluster:
         concurrency: int = 2,
         env: dict[str, str] | None = None,
         wait: bool = True,
+        continuous: bool = False,
+        app: str = SAMPLE_APP,
+        app_id: str = APP_ID,
     ) -> Proc:
-        """Start `bgqueue worker` on the sample app and wait until its heartbeat is live."""
-        args = ["worker", "--app", SAMPLE_APP, "--name", name, "--concurrency", str(concurrency)]
+        """Start `bgqueue worker` (on the sample app unless told) and wait until its
+        heartbeat is live."""
+        args = ["worker", "--app", app, "--name", name, "--concurrency", str(concurrency)]
+        if continuous:
+            args.append("--continuous")
         for condition in conditions:
             args += ["--condition", condition]
         proc = self.start(args, name, env)
         if wait:
-            wait_for(lambda: self.worker_alive(name) or self._died(proc), 30, f"worker {name}")
+            wait_for(
+                lambda: self.worker_alive(name, app_id) or self._died(proc), 30, f"worker {name}"
+            )
             assert proc.alive(), proc.log()
         return proc
 
@@ -152,9 +160,9 @@ class Cluster:
         """Start `bgqueue beat`."""
         return self.start(["beat"], name, env)
 
-    def worker_alive(self, name: str) -> bool:
+    def worker_alive(self, name: str, app_id: str = APP_ID) -> bool:
         """Whether the worker's heartbeat is live now (server clock)."""
-        score = self.client.zscore(f"bgqueue:{{{APP_ID}}}:alive", name)
+        score = self.client.zscore(f"bgqueue:{{{app_id}}}:alive", name)
         if score is None:
             return False
         seconds, micros = self.client.time()
