@@ -76,9 +76,49 @@ __all__ = [
 ]
 
 # -- transient delays --
+from bgqueue.transient import DelaySuspendInfo, TransientTaskInfo  # noqa: E402
+
+__all__ += ["DelaySuspendInfo", "TransientTaskInfo"]
 
 # -- continuous tasks --
+from bgqueue.continuous import (  # noqa: E402
+    ContinuousTask,
+    ContinuousTaskCancelInfo,
+    ContinuousTaskCancelReason,
+    ContinuousTaskInfo,
+)
+
+__all__ += [
+    "ContinuousTask",
+    "ContinuousTaskCancelInfo",
+    "ContinuousTaskCancelReason",
+    "ContinuousTaskInfo",
+]
 
 # -- efficiency resources --
+from bgqueue.efficiency import (  # noqa: E402
+    EfficiencyResourcesInfo,
+    EfficiencyResourcesRequest,
+    ResourceType,
+)
+
+__all__ += ["EfficiencyResourcesInfo", "EfficiencyResourcesRequest", "ResourceType"]
 
 # -- work scheduler --
+from bgqueue.works import (  # noqa: E402
+    BatteryStatus,
+    ChargingType,
+    NetworkType,
+    StorageRequest,
+    WorkInfo,
+    WorkSchedulerExtension,
+)
+
+__all__ += [
+    "BatteryStatus",
+    "ChargingType",
+    "NetworkType",
+    "StorageRequest",
+    "WorkInfo",
+    "WorkSchedulerExtension",
+]

@@ -16,10 +16,11 @@ from typing import Any, TypeVar
 
 import redis
 
-from bgqueue import keys
+from bgqueue import continuous as continuous_tasks
+from bgqueue import efficiency, keys, transient, works
 from bgqueue.broker import connect, resolve_broker_url, service_errors
 from bgqueue.conditions import profiles, satisfies
-from bgqueue.errors import NotPermitted, ParameterError
+from bgqueue.errors import NotPermitted, NotSystemApp, ParameterError
 from bgqueue.limits import Limits
 from bgqueue.modes import BackgroundMode
 from bgqueue.requests import check_name
@@ -98,6 +99,9 @@ class BackgroundApp:
         self.settings = Settings.from_env()
         self.keys = keys.AppKeys(app_id)
         self.handlers: dict[str, Callable[..., Any]] = {}
+        self.continuous_handlers: dict[str, Callable[..., Any]] = {}
+        self.work_handlers: dict[str, type[works.WorkSchedulerExtension]] = {}
+        self._cancel_listener: continuous_tasks.CancelListener | None = None
         self._client: redis.Redis | None = None
         self._client_pid = 0
         self._scripts: Scripts | None = None
@@ -271,8 +275,135 @@ class BackgroundApp:
 
     # -- transient delays (bgqueue/transient.py) ----------------------------------------
 
+    def transient_task_info(self, scope: str = "default") -> transient.TransientTaskInfo:
+        """A scope's suspend-delay quota left today and its live delays, in ms (HarmonyOS
+        `getTransientTaskInfo`). Delays are requested inside a running task with
+        `task.request_suspend_delay`."""
+        return transient.info(self, check_name(scope, "scope"))
+
     # -- continuous tasks (bgqueue/continuous.py) ---------------------------------------
+
+    def continuous(self, ability: str) -> Callable[[Handler], Handler]:
+        """Decorator: the handler of a continuous task, run on `--continuous` workers with a
+        `ContinuousTask` until it returns; it should return soon after `task.stopped` is set."""
+        check_name(ability, "ability")
+        if ability in self.continuous_handlers:
+            raise ParameterError(f"a continuous handler for {ability!r} is already registered")
+
+        def decorator(handler: Handler) -> Handler:
+            if not callable(handler):
+                raise ParameterError("a continuous handler must be callable")
+            self.continuous_handlers[ability] = handler
+            return handler
+
+        return decorator
+
+    def start_background_running(
+        self, ability: str, modes: Any, payload: Any = None
+    ) -> continuous_tasks.ContinuousTaskInfo:
+        """Start the continuous task of `ability` with these declared modes (one per ability);
+        it runs on a continuous worker until stopped, and is restarted if its worker dies."""
+        return continuous_tasks.start(self, ability, modes, payload)
+
+    def update_background_running(
+        self, ability: str, modes: Any
+    ) -> continuous_tasks.ContinuousTaskInfo:
+        """Replace the modes of `ability`'s continuous task; its handler sees them in
+        `task.modes` within a heartbeat interval."""
+        return continuous_tasks.update(self, ability, modes)
+
+    def stop_background_running(self, ability: str) -> None:
+        """Stop `ability`'s continuous task: its handler sees `task.stopped` within a heartbeat
+        interval, and the task is gone when the handler returns."""
+        continuous_tasks.stop(self, ability)
+
+    def all_continuous_tasks(self) -> list[continuous_tasks.ContinuousTaskInfo]:
+        """The app's continuous tasks (HarmonyOS obtainAllContinuousTasks, for this app)."""
+        return continuous_tasks.all_tasks(self)
+
+    def on(self, event: str, callback: continuous_tasks.CancelCallback) -> None:
+        """Call `callback(ContinuousTaskCancelInfo)` from a background thread whenever the
+        system cancels one of the app's continuous tasks; the event is "continuousTaskCancel"."""
+        continuous_tasks.check_subscription(event, callback)
+        if callback is None:
+            raise ParameterError("callback must be callable")
+        if self._cancel_listener is None:
+            self._cancel_listener = continuous_tasks.CancelListener(self)
+        self._cancel_listener.add(callback)
+
+    def off(self, event: str, callback: continuous_tasks.CancelCallback | None = None) -> None:
+        """Stop calling `callback` for the event, or every callback when it is None."""
+        continuous_tasks.check_subscription(event, callback)
+        if self._cancel_listener is not None:
+            self._cancel_listener.remove(callback)
 
     # -- efficiency resources (bgqueue/efficiency.py) -----------------------------------
 
+    def _check_system(self, call: str) -> None:
+        if not self.system:
+            raise NotSystemApp(
+                f"{call} is a system API: create the app with BackgroundApp(..., system=True)"
+            )
+
+    def apply_efficiency_resources(self, request: efficiency.EfficiencyResourcesRequest) -> None:
+        """Apply for efficiency resources (system apps only), or release some with
+        `is_apply=False`. A timed grant is released automatically at its `time_out` (ms);
+        applying again for a held type keeps the later end and replaces the reason."""
+        self._check_system("apply_efficiency_resources")
+        efficiency.apply(self, request)
+
+    def reset_all_efficiency_resources(self) -> None:
+        """Release every efficiency resource of the app, app- and process-level."""
+        self._check_system("reset_all_efficiency_resources")
+        efficiency.reset_all(self)
+
+    def all_efficiency_resources(self) -> list[efficiency.EfficiencyResourcesInfo]:
+        """The efficiency resources the app holds now, one entry per type and level."""
+        self._check_system("all_efficiency_resources")
+        return efficiency.all_grants(self)
+
     # -- work scheduler (bgqueue/works.py) ----------------------------------------------
+
+    def work(self, ability_name: str) -> Callable[[works.Extension], works.Extension]:
+        """Class decorator: the WorkSchedulerExtension that workers run for works naming
+        `ability_name` (a producer may start works without importing it)."""
+        check_name(ability_name, "ability_name")
+        if ability_name in self.work_handlers:
+            raise ParameterError(f"a work handler for {ability_name!r} is already registered")
+
+        def decorator(handler: works.Extension) -> works.Extension:
+            base = works.WorkSchedulerExtension
+            if not (isinstance(handler, type) and issubclass(handler, base)):
+                raise ParameterError("@app.work decorates a WorkSchedulerExtension subclass")
+            self.work_handlers[ability_name] = handler
+            return handler
+
+        return decorator
+
+    def start_work(self, work: works.WorkInfo) -> None:
+        """Start a work: it runs when a live worker matches its conditions (startWork).
+        StartWorkFailed if its id exists, the app has `max_works`, or its repeat cycle is
+        under `min_repeat_interval` (unless a TIMER efficiency resource is held)."""
+        works.start_work(self, work)
+
+    def stop_work(self, work: works.WorkInfo | int, need_cancel: bool = False) -> None:
+        """Stop the work's running run (on_work_stop is called); with `need_cancel`, remove
+        the work too. WorkInfoCheckFailed if the work does not exist."""
+        works.stop_work(self, work, need_cancel)
+
+    def get_work_status(self, work_id: int) -> works.WorkInfo:
+        """A copy of the work's WorkInfo; WorkInfoCheckFailed if it does not exist."""
+        return works.get_work_status(self, work_id)
+
+    def obtain_all_works(self) -> list[works.WorkInfo]:
+        """Copies of every work of the app, by work id."""
+        return works.obtain_all_works(self)
+
+    def stop_and_clear_works(self) -> None:
+        """Stop every running work and remove every work of the app."""
+        works.stop_and_clear_works(self)
+
+    def is_last_work_time_out(self, work_id: int) -> bool:
+        """Whether the work's last run reached its run limit; WorkInfoCheckFailed for a work
+        that neither exists nor has run."""
+        return works.is_last_work_time_out(self, work_id)

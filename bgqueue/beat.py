@@ -23,7 +23,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from bgqueue import continuous, keys, works
+from bgqueue import continuous, efficiency, keys, works
 from bgqueue.broker import connect
 from bgqueue.celery_config import celery_config
 from bgqueue.conditions import profiles
@@ -35,7 +35,7 @@ log = logging.getLogger("bgqueue.beat")
 # Dispatchers of other kinds of work (continuous tasks, the work scheduler): each module
 # has `dispatch(beat, app, live) -> seconds until it next needs beat` and
 # `sweep(beat, app, live)`, called with the app's live workers' heartbeats.
-EXTENSIONS: tuple[Any, ...] = (continuous, works)
+EXTENSIONS: tuple[Any, ...] = (continuous, works, efficiency)
 
 MAX_SLEEP = 5.0  # stays under the client's socket timeout while blocked in BLPOP
 
@@ -186,9 +186,14 @@ class Beat:
         self.publish(app, _claimed(raw))
 
     def publish(self, app: keys.AppKeys, claimed: list[Claimed]) -> None:
-        """Send each claimed request to its profile's queue, then extend its lease."""
+        """Send each claimed request to its profile's queue, then extend its lease.
+
+        While the app holds the CPU efficiency resource its requests go in the priority
+        lane, which workers serve before the messages already waiting (efficiency.lane).
+        """
         if not claimed:
             return
+        priority = efficiency.lane(self.client, app)
         with self.celery.producer_or_acquire() as producer:
             for item in claimed:
                 scope, identifier = keys.split_member(item.member)
@@ -196,6 +201,7 @@ class Beat:
                     identifier,
                     kwargs={"scope": scope, "gen": item.gen, "profile": item.profile},
                     queue=app.queue(item.profile),
+                    priority=priority,
                     producer=producer,
                 )
         until = self.server_ms() + int(self.settings.dispatch_lease * 1000)
@@ -225,10 +231,16 @@ class Beat:
         # A message still queued behind others is not lost, only waiting: its lease was
         # renewed above, and publishing it again would only grow the backlog.
         profiles = sorted({item.profile for item in lapsed_claims})
+        # kombu keeps each priority step of a queue in a list of its own: count them all.
+        steps = len(app.KOMBU_PRIORITY_STEPS)
         with self.client.pipeline(transaction=False) as pipe:
             for profile in profiles:
-                pipe.llen(app.queue(profile))
-            drained = {p for p, length in zip(profiles, pipe.execute(), strict=True) if not length}
+                for name in app.queue_lists(profile):
+                    pipe.llen(name)
+            lengths = pipe.execute()
+        drained = {
+            p for i, p in enumerate(profiles) if not sum(lengths[i * steps : (i + 1) * steps])
+        }
         again = [item for item in lapsed_claims if item.profile in drained]
         if again:
             log.warning("publishing %d lapsed dispatch(es) of %s again", len(again), app.app_id)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from bgqueue.errors import ParameterError
 from bgqueue.requests import PROFILE_COUNT, FileProtectionType, Requirement
+
+if TYPE_CHECKING:
+    from bgqueue.works import WorkInfo
 
 NETWORK_TYPES = ("none", "any", "mobile", "wifi", "ethernet", "bluetooth", "wifi_p2p")
 CHARGERS = ("ac", "usb", "wireless")
@@ -143,3 +147,58 @@ def satisfies(conditions: Mapping[str, Any], profile: int) -> bool:
 def profiles(conditions: Mapping[str, Any]) -> list[int]:
     """Every requirement profile a worker with these conditions satisfies."""
     return [p for p in range(PROFILE_COUNT) if satisfies(conditions, p)]
+
+
+# -- the work scheduler's conditions (WorkInfo) ---------------------------------------
+
+
+def matches_work(conditions: Mapping[str, Any], work: WorkInfo) -> bool:
+    """Whether a worker with these conditions may run a work (DESIGN.md §2's table).
+
+    WorkInfo's enums map to condition values by member name (NetworkType.WIFI → 'wifi',
+    ChargingType.USB → 'usb', StorageRequest.LOW → 'low'); ANY and LOW_OR_OKAY accept every
+    value, though NetworkType.ANY still needs a network. A key the worker does not report
+    counts as its safe value, and a worker on external power that names no charger is on
+    mains ('ac'). `idle_wait_time` is timed by beat (works.py), not matched here.
+    """
+    have = {**SAFE_DEFAULTS, **conditions}
+    return (
+        _network_matches(have["network"], work.network_type)
+        and _power_matches(have, work)
+        and _level_at_least(have["battery_level"], work.battery_level)
+        and _status_matches(have["battery_status"], work.battery_status)
+        and _status_matches(have["storage"], work.storage_request)
+        and (not work.is_deep_idle or have["idle"] == "true")
+    )
+
+
+def _network_matches(have: str, wanted: Enum | None) -> bool:
+    if wanted is None:
+        return True
+    name = wanted.name.lower()
+    return have != "none" and (name == "any" or have == name)
+
+
+def _power_matches(have: Mapping[str, Any], work: WorkInfo) -> bool:
+    # charger_type is accepted only together with is_charging=True (WorkInfo.validate).
+    if not work.is_charging:
+        return True
+    if have["external_power"] != "true":
+        return False
+    wanted = work.charger_type
+    return (
+        wanted is None or wanted.name == "ANY" or have.get("charger", "ac") == wanted.name.lower()
+    )
+
+
+def _level_at_least(have: str, wanted: int | None) -> bool:
+    if wanted is None:
+        return True
+    try:
+        return int(have) >= wanted
+    except ValueError:
+        return False
+
+
+def _status_matches(have: str, wanted: Enum | None) -> bool:
+    return wanted is None or wanted.name == "LOW_OR_OKAY" or have == wanted.name.lower()

@@ -17,6 +17,8 @@ Per app (`bgqueue:{app}:...`):
   workers          HASH worker name → JSON heartbeat (conditions, slots, queues).
   alive            ZSET worker name → ms its heartbeat lapses (server clock).
   expire           SET request ids whose expiration was simulated, until their watchdog sees it.
+  efficiency:<level>:<type>  STRING JSON of an efficiency grant (level app|process, type a
+                   ResourceType bit); a timed grant's key expires at its end.
 """
 
 from __future__ import annotations
@@ -84,8 +86,109 @@ class AppKeys:
 
     # -- transient delays (bgqueue/transient.py) --
 
+    def transient_delays(self, scope: str) -> str:
+        """HASH request id → JSON delay {g: run generation, s: granted ms, e: ends ms,
+        r: reason} of the scope's running tasks, until cancelled or their run settles."""
+        return f"{self.base}:transient:delays:{scope}"
+
+    def transient_runs(self, scope: str) -> str:
+        """HASH run generation → JSON {b: base deadline ms, t: charged up to ms} of the
+        scope's runs that hold delays."""
+        return f"{self.base}:transient:runs:{scope}"
+
+    def transient_ledger(self, scope: str) -> str:
+        """ZSET "<gen>:<ms>:<charged ms>" scored by when the delay time was charged: the
+        scope's rolling 24-hour quota."""
+        return f"{self.base}:transient:ledger:{scope}"
+
+    @property
+    def transient_seq(self) -> str:
+        """STRING counter of suspend-delay request ids."""
+        return f"{self.base}:transient:seq"
+
     # -- efficiency resources (bgqueue/efficiency.py) --
 
+    # kombu's Redis transport (kombu.transport.redis: Channel.sep, PRIORITY_STEPS) keeps a
+    # queue's messages of each priority step in its own list, the step-0 list under the
+    # queue's own name; tests check these against kombu's values.
+    KOMBU_SEP = "\x06\x16"
+    KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+    RESOURCE_BITS = tuple(1 << i for i in range(9))  # efficiency.ResourceType: CPU .. SENSOR
+
+    def efficiency(self, resource: int, process: bool) -> str:
+        """STRING: JSON of the app's grant of one resource type (`process`: its workers'
+        processes' grant), expiring at the grant's end (lua/efficiency_apply.lua)."""
+        return f"{self.base}:efficiency:{'process' if process else 'app'}:{int(resource)}"
+
+    @property
+    def efficiency_all(self) -> list[str]:
+        """Every grant key of the app: app level by resource type, then process level."""
+        levels = (False, True)
+        return [self.efficiency(bit, process) for process in levels for bit in self.RESOURCE_BITS]
+
+    def queue_lists(self, profile: int) -> list[str]:
+        """The Redis lists kombu keeps for one profile's queue, one per priority step."""
+        name = self.queue(profile)
+        steps = self.KOMBU_PRIORITY_STEPS[1:]
+        return [name] + [f"{name}{self.KOMBU_SEP}{step}" for step in steps]
+
     # -- continuous tasks (bgqueue/continuous.py) --
+    # ct          HASH ability → JSON record of its continuous task: modes, payload (JSON
+    #             text), state pending | dispatched | running | stopping, generation, id,
+    #             restarts, worker, pid, progress, cancel reason, handover flag.
+    # ct:pending  ZSET ability → ms it began waiting for a continuous worker.
+    # ct:leases   ZSET ability → ms its dispatch (dispatched) or run (running, stopping)
+    #             is presumed lost; a run's watchdog renews it.
+    # ct:cancel   pub/sub channel of cancel events (JSON: reason, id, ability, message).
+
+    @property
+    def continuous(self) -> str:
+        """HASH of the app's continuous tasks, one per ability."""
+        return f"{self.base}:ct"
+
+    @property
+    def continuous_pending(self) -> str:
+        """ZSET of continuous tasks waiting for a continuous worker."""
+        return f"{self.base}:ct:pending"
+
+    @property
+    def continuous_leases(self) -> str:
+        """ZSET of continuous tasks' dispatch and run leases."""
+        return f"{self.base}:ct:leases"
+
+    @property
+    def continuous_cancel(self) -> str:
+        """Pub/sub channel announcing continuous tasks cancelled by the system."""
+        return f"{self.base}:ct:cancel"
 
     # -- work scheduler (bgqueue/works.py) --
+    # works       HASH work id → JSON record: the WorkInfo (as opaque JSON text), state
+    #             waiting | dispatched | running, runs done, generation, worker, start ms.
+    # work:due    ZSET work id → ms from which a waiting work may start.
+    # work:leases ZSET work id → ms when a dispatched or running work is presumed lost.
+    # work:last   HASH work id → JSON of its last run (timed out?); kept after a one-shot
+    #             work is done, so is_last_work_time_out still answers.
+    # work:boot   STRING run_id of the Redis process that last forgot non-persisted works.
+    # work:stop   SET "<work id>:<generation>" of runs stop_work asked to stop.
+    # work:seq    STRING generation counter of work dispatches.
+
+    @property
+    def work_all(self) -> list[str]:
+        """Every work-scheduler key of the app, in the order the work_*.lua scripts take."""
+        names = ("works", "work:due", "work:leases", "work:last", "work:boot", "work:stop")
+        return [f"{self.base}:{name}" for name in (*names, "work:seq")]
+
+    @property
+    def works(self) -> str:
+        """HASH of the app's works by id."""
+        return f"{self.base}:works"
+
+    @property
+    def work_due(self) -> str:
+        """ZSET of waiting works by the ms they may start."""
+        return f"{self.base}:work:due"
+
+    @property
+    def work_leases(self) -> str:
+        """ZSET of dispatched or running works by the ms they are presumed lost."""
+        return f"{self.base}:work:leases"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -18,9 +19,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bgqueue import conditions
+from bgqueue import conditions, efficiency
 from bgqueue.requests import Kind, State
 from bgqueue.tasks import TASK_CLASSES, BGTask, ContinuedProcessingTask
+from bgqueue.transient import RunDelays
 
 if TYPE_CHECKING:
     from bgqueue.app import BackgroundApp
@@ -130,9 +132,24 @@ class Run:
         self._returned = threading.Event()
         self._body_thread = threading.get_ident()
         task.on_completed = self._completed
+        task.app = app
+        # The deadline: start + budget (continued processing: last progress + stall window),
+        # held later by transient delays, pulled earlier by a forced expiration.
+        self._start = time.monotonic()
+        self._budget = budget_of(app, kind)
+        self._base = self._start + self._budget
+        self._forced = math.inf
+        self._warned = False
+        self._wake = threading.Event()  # the body returned or the delays changed
+        self.delays = RunDelays(app, task.scope, gen, self._base_deadline, self._wake.set)
+        task.delays = self.delays
 
     def end(self, state: State, success: bool, reason: str = "") -> bool:
         """Record the outcome unless one is recorded already; True if this call recorded it."""
+        # The run's transient delays end with it, before the outcome is recorded and before
+        # any kill (a dead process settles nothing). A body still holding one when it
+        # completes gets the warning lead to return.
+        self.delays.settle(grace=self.app.limits.warning_lead(self._budget))
         with self._lock:
             if self.outcome is not None:
                 return False
@@ -162,6 +179,7 @@ class Run:
             self.end(State.FAILED, False, f"{type(exc).__name__}: {exc}"[:500])
         finally:
             self._returned.set()
+            self._wake.set()
         if self.task.success is not None:
             self.end(State.COMPLETED, self.task.success)
         else:
@@ -173,33 +191,59 @@ class Run:
     # -- watchdog -------------------------------------------------------------
 
     def _watch(self) -> None:
-        settings, limits = self.app.settings, self.app.limits
+        settings = self.app.settings
         budget = budget_of(self.app, self.kind)
-        lead = limits.warning_lead(budget)
-        start = time.monotonic()
-        deadline = start + budget
-        next_renew = start + settings.heartbeat_interval
-        warned = False
+        lead = efficiency.warning_lead(self.app, budget)  # CPU lifts the budget/5 cap
+        next_renew = self._start + settings.heartbeat_interval
         while True:
-            if not warned and isinstance(self.task, ContinuedProcessingTask):
-                # Continued processing lives as long as it keeps reporting progress.
-                deadline = max(start, self.task.progress.last_change) + budget
-            wake_at = min(next_renew, deadline if warned else deadline - lead)
-            if self._returned.wait(max(0.0, wake_at - time.monotonic())):
+            deadline = self._deadline()
+            warn_or_end = deadline if self._warned else deadline - lead
+            wake_at = min(next_renew, warn_or_end, self.delays.next_warning())
+            if self._sleep_until(wake_at):
                 return
             now = time.monotonic()
             if now >= next_renew:
                 next_renew = now + settings.heartbeat_interval
                 reason = self._check_in()
-                if reason and not warned:
+                if reason and not self._warned:
                     log.info("expiring %s now: %s", self.task.identifier, reason)
-                    deadline = min(deadline, now + lead)
-            if not warned and now >= deadline - lead:
-                warned = True
+                    self._forced = now + lead
+            self._warn_delays(now)
+            deadline = self._deadline()
+            if not self._warned and now >= deadline - lead:
+                self._warned = True
                 self._warn()
-            elif warned and now >= deadline:
+            elif self._warned and now >= deadline:
                 self._terminate(State.EXPIRED, "did not complete by its deadline")
                 return
+
+    def _base_deadline(self) -> float:
+        """The deadline without delays (monotonic). Continued processing lives as long as it
+        keeps reporting progress, until its expiration handler has been called."""
+        if isinstance(self.task, ContinuedProcessingTask) and not self._warned:
+            self._base = max(self._start, self.task.progress.last_change) + self._budget
+        return self._base
+
+    def _deadline(self) -> float:
+        """The deadline now: the base one or the end of the latest transient delay,
+        whichever is later, unless an expiration was forced."""
+        return min(max(self._base_deadline(), self.delays.holds_until()), self._forced)
+
+    def _sleep_until(self, wake_at: float) -> bool:
+        """Wait until `wake_at` or a change of the delays; True once the body has returned."""
+        self._wake.wait(max(0.0, wake_at - time.monotonic()))
+        self._wake.clear()
+        return self._returned.is_set()
+
+    def _warn_delays(self, now: float) -> None:
+        """Call the callbacks of delays about to end (HarmonyOS's expiration callback)."""
+        for callback in self.delays.due_callbacks(now):
+            if self.outcome is not None:
+                return
+            try:
+                callback()
+            except Exception:
+                log.exception("suspend-delay callback of %s raised", self.task.identifier)
 
     def _check_in(self) -> str | None:
         """Renew the run's lease; return why the task must expire early, if it must.
@@ -233,6 +277,7 @@ class Run:
         )
         with self._lock:
             self.outcome = (str(State.FAILED), False)  # already recorded by the sweep
+        self.delays.settle()
         self._stop_body()
 
     def _warn(self) -> None:

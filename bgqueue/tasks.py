@@ -10,10 +10,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bgqueue.errors import ParameterError
+from bgqueue import efficiency
+from bgqueue.errors import ParameterError, TransientTaskCallerVerificationFailed
 from bgqueue.requests import Kind
+from bgqueue.transient import DelaySuspendInfo, RunDelays
+
+if TYPE_CHECKING:
+    from bgqueue.app import BackgroundApp
 
 
 class BGTask:
@@ -33,6 +38,8 @@ class BGTask:
         self.success: bool | None = None
         # Set by the runtime so an outcome is recorded the moment it is reported.
         self.on_completed: Callable[[bool], None] | None = None
+        # The app the task runs for, set by the runtime (None for a task built by hand).
+        self.app: BackgroundApp | None = None
 
     @property
     def expiration_handler(self) -> Callable[[], None] | None:
@@ -46,6 +53,14 @@ class BGTask:
             raise ParameterError("expiration_handler must be callable or None")
         self._expiration_handler = handler
 
+    def has_resource(self, resource: efficiency.ResourceType) -> bool:
+        """Whether the app holds a live grant of this efficiency resource now, e.g.
+        `task.has_resource(ResourceType.GPS)` (system apps only; always False otherwise)."""
+        if self.app is None:
+            efficiency.check_type(resource)
+            return False
+        return efficiency.granted(self.app, resource)
+
     def set_task_completed(self, success: bool) -> None:
         """Report the outcome; the first report wins, later ones are ignored."""
         if not isinstance(success, bool):
@@ -57,6 +72,36 @@ class BGTask:
             self.completed.set()
         if self.on_completed is not None:
             self.on_completed(success)
+
+    # -- transient delays (HarmonyOS requestSuspendDelay; bgqueue/transient.py) --
+
+    # The run's delays, set by the runtime while the task runs on a worker.
+    delays: RunDelays | None = None
+
+    def request_suspend_delay(self, reason: str, callback: Callable[[], None]) -> DelaySuspendInfo:
+        """Keep this task alive `actual_delay_time` ms from now (at most
+        `Limits.transient_max_delay`), paid from the scope's rolling daily quota; `callback`
+        runs (from another thread) `expiration_warning` before the delay ends. At most
+        `transient_max_concurrent` delays per scope at once, else, or with the quota used up,
+        TransientTaskVerificationFailed (9900002)."""
+        return self._delays().request(reason, callback)
+
+    def get_remaining_delay_time(self, request_id: int) -> int:
+        """Milliseconds left of one of this task's delays; an id that is not one of them is
+        TransientTaskCallerVerificationFailed (9900001)."""
+        return self._delays().remaining(request_id)
+
+    def cancel_suspend_delay(self, request_id: int) -> None:
+        """End a delay now: only the time it held the task past its deadline is charged.
+        The deadline falls back to what the task would have had without it."""
+        self._delays().cancel(request_id)
+
+    def _delays(self) -> RunDelays:
+        if self.delays is None:
+            raise TransientTaskCallerVerificationFailed(
+                "suspend delays are for tasks running on a worker"
+            )
+        return self.delays
 
 
 class AppRefreshTask(BGTask):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
 
-from bgqueue import conditions, runtime
+from bgqueue import conditions, continuous_runtime, runtime, works
 from bgqueue.celery_config import celery_config
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ def make_celery(app: BackgroundApp) -> Celery:
     celery.conf.task_default_queue = app.keys.queue(0)
     for identifier in app.handlers:
         add_celery_task(app, identifier, celery)
+    continuous_runtime.add_celery_task(app, celery)  # one task runs every continuous handler
+    works.add_celery_task(app, celery)  # one task runs every work's extension
     Heartbeat.attach(app, celery)
     return celery
 

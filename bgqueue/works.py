@@ -1,13 +1,719 @@
-"""(in progress)"""
+"""The work scheduler (HarmonyOS `@ohos.resourceschedule.workScheduler`): conditional,
+optionally repeating works run by `WorkSchedulerExtension` handlers.
+
+A work lives in Redis (`AppKeys.work_all`, one `work_*.lua` script per change) as
+waiting → dispatched → running → waiting again (next cycle) or removed (no runs left).
+Beat matches due works against its live workers' heartbeat conditions and sends each
+to the own queue of the least busy matching worker; the worker calls `on_work_start`
+and a watchdog renews the run's lease and calls `on_work_stop` at the run limit or on
+`stop_work`. A run whose lease lapses (its worker died) is run again. Works with
+`is_persisted=False` end with the Redis process that accepted them (docs/harmony.md).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import ctypes
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from bgqueue import efficiency, runtime
+from bgqueue.conditions import matches_work
+from bgqueue.errors import ParameterError, StartWorkFailed, WorkInfoCheckFailed
+from bgqueue.requests import MAX_PAYLOAD_BYTES, check_name
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from bgqueue.app import BackgroundApp
+    from bgqueue.keys import AppKeys
+
+log = logging.getLogger("bgqueue.works")
+
+WORK_TASK = "bgqueue.work"  # the Celery task that runs every work's extension
+MAX_WORK_ID = 2**31 - 1  # HarmonyOS work ids are 32-bit
+MAX_MS = 2**53  # largest millisecond value JSON carries exactly
+# With a WORK_SCHEDULER efficiency grant a run may last this long instead of
+# `Limits.work_run_limit` (DESIGN.md §4): charging, and on battery.
+GRANTED_RUN_LIMIT_CHARGING = 1200.0
+GRANTED_RUN_LIMIT = 600.0
+STOP_GRACE = 1.0  # seconds a body may take to return after on_work_stop before it is ended
 
 
-def dispatch(beat: Any, app: Any, live: dict[str, dict[str, Any]]) -> float:
-    return float("inf")
+class NetworkType(IntEnum):
+    """The network a work needs (HarmonyOS values); matched against a worker's `network`."""
+
+    ANY = 0
+    MOBILE = 1
+    WIFI = 2
+    BLUETOOTH = 3
+    WIFI_P2P = 4
+    ETHERNET = 5
 
 
-def sweep(beat: Any, app: Any, live: dict[str, dict[str, Any]]) -> None:
-    return None
+class ChargingType(IntEnum):
+    """The charger a charging work needs; matched against a worker's `charger`."""
+
+    ANY = 0
+    AC = 1
+    USB = 2
+    WIRELESS = 3
+
+
+class BatteryStatus(IntEnum):
+    """The battery status a work needs; matched against a worker's `battery_status`."""
+
+    LOW = 0
+    OKAY = 1
+    LOW_OR_OKAY = 2
+
+
+class StorageRequest(IntEnum):
+    """The storage status a work needs; matched against a worker's `storage`."""
+
+    LOW = 0
+    OKAY = 1
+    LOW_OR_OKAY = 2
+
+
+ENUM_FIELDS: dict[str, type[IntEnum]] = {
+    "network_type": NetworkType,
+    "charger_type": ChargingType,
+    "battery_status": BatteryStatus,
+    "storage_request": StorageRequest,
+}
+BOOL_FIELDS = ("is_charging", "is_repeat", "is_persisted", "is_deep_idle")
+# Optional whole numbers: (lowest, highest) accepted.
+INT_FIELDS: dict[str, tuple[int, int]] = {
+    "battery_level": (0, 100),
+    "repeat_cycle_time": (1, MAX_MS),
+    "repeat_count": (1, MAX_WORK_ID),
+    "idle_wait_time": (0, MAX_MS),
+}
+
+
+def _whole(value: object, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ParameterError(f"{what} must be a whole number from {low} to {high}, got {value!r}")
+    return value
+
+
+def _member(value: object, enum: type[IntEnum], what: str) -> IntEnum | None:
+    if value is None or isinstance(value, enum):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return enum(value)
+        except ValueError:
+            pass
+    names = ", ".join(f"{enum.__name__}.{m.name}" for m in enum)
+    raise ParameterError(f"{what} must be one of {names}, got {value!r}")
+
+
+def _parameters(value: object) -> dict[str, int | float | str | bool]:
+    """A copy of WorkInfo.parameters: string keys, number/string/boolean values (as there)."""
+    if not isinstance(value, dict):
+        raise ParameterError(f"parameters must be a dict, got {type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ParameterError(f"parameters keys must be strings, got {key!r}")
+        plain = isinstance(item, bool | int | str) or (
+            isinstance(item, float) and math.isfinite(item)
+        )
+        if not plain:
+            raise ParameterError(
+                f"parameters[{key!r}] must be a number, string or boolean, got {item!r}"
+            )
+    size = len(json.dumps(value).encode())
+    if size > MAX_PAYLOAD_BYTES:
+        raise ParameterError(
+            f"parameters are {size} bytes of JSON; the limit is {MAX_PAYLOAD_BYTES}"
+        )
+    return dict(value)
+
+
+@dataclass
+class WorkInfo:
+    """A work (HarmonyOS WorkInfo): which handler runs it, under which conditions, how often.
+
+    Times are in milliseconds, as on HarmonyOS. `is_repeat=True` repeats every
+    `repeat_cycle_time` (forever, or `repeat_count` runs in all); `repeat_count` alone also
+    repeats. At least one condition is required: a network type, charging, a battery level
+    or status, a storage status, deep idle, or a repeat cycle. `bundle_name` is the app id
+    (filled in on the copies bgqueue returns; another app's id is refused).
+    """
+
+    work_id: int
+    ability_name: str
+    bundle_name: str | None = None
+    network_type: NetworkType | None = None
+    is_charging: bool = False
+    charger_type: ChargingType | None = None
+    battery_level: int | None = None
+    battery_status: BatteryStatus | None = None
+    storage_request: StorageRequest | None = None
+    is_repeat: bool = False
+    repeat_cycle_time: int | None = None
+    repeat_count: int | None = None
+    is_persisted: bool = False
+    is_deep_idle: bool = False
+    idle_wait_time: int | None = None
+    parameters: dict[str, int | float | str | bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ParameterError for anything start_work would refuse (WorkInfo is mutable)."""
+        _whole(self.work_id, "work_id", 0, MAX_WORK_ID)
+        check_name(self.ability_name, "ability_name")
+        if self.bundle_name is not None:
+            check_name(self.bundle_name, "bundle_name")
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ParameterError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name, enum in ENUM_FIELDS.items():
+            setattr(self, name, _member(getattr(self, name), enum, name))
+        for name, (low, high) in INT_FIELDS.items():
+            if getattr(self, name) is not None:
+                _whole(getattr(self, name), name, low, high)
+        self.parameters = _parameters(self.parameters)
+        self._check_combination()
+
+    def _check_combination(self) -> None:
+        if self.charger_type is not None and not self.is_charging:
+            raise ParameterError("charger_type needs is_charging=True")
+        if self.idle_wait_time is not None and not self.is_deep_idle:
+            raise ParameterError("idle_wait_time needs is_deep_idle=True")
+        if self.repeats != (self.repeat_cycle_time is not None):
+            raise ParameterError(
+                "a repeating work (is_repeat=True or a repeat_count) needs a repeat_cycle_time, "
+                "and a repeat_cycle_time needs is_repeat=True or a repeat_count"
+            )
+        if not self.has_condition:
+            raise ParameterError(
+                "a work needs at least one condition: network_type, is_charging, battery_level, "
+                "battery_status, storage_request, is_deep_idle or a repeat cycle"
+            )
+
+    @property
+    def repeats(self) -> bool:
+        """Whether the work runs more than once."""
+        return self.is_repeat or self.repeat_count is not None
+
+    @property
+    def has_condition(self) -> bool:
+        """Whether any condition is set (HarmonyOS refuses a work with none)."""
+        wanted = (self.network_type, self.battery_level, self.battery_status, self.storage_request)
+        return self.is_charging or self.is_deep_idle or self.repeats or wanted != (None,) * 4
+
+    @property
+    def total_runs(self) -> int:
+        """Runs the work has in all; 0 means unlimited."""
+        if self.repeat_count is not None:
+            return self.repeat_count
+        return 0 if self.is_repeat else 1
+
+    def to_json(self) -> str:
+        """The WorkInfo as JSON text (enums as their HarmonyOS numbers, no bundle name)."""
+        data = asdict(self)
+        del data["bundle_name"]
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes, bundle_name: str) -> WorkInfo:
+        """A fresh WorkInfo (a copy) from `to_json` text."""
+        return cls(**json.loads(text), bundle_name=bundle_name)
+
+
+class WorkSchedulerExtension:
+    """Base of work handlers (HarmonyOS WorkSchedulerExtensionAbility), registered with
+    `@app.work(ability_name)`. A worker makes one instance per run and calls
+    `on_work_start` in the run's thread; `on_work_stop` comes from a watchdog thread."""
+
+    def on_work_start(self, work: WorkInfo) -> None:
+        """The work runs now; returning ends the run in time."""
+
+    def on_work_stop(self, work: WorkInfo) -> None:
+        """The run limit is reached or stop_work stopped the run: wrap up. The run ends when
+        this returns; a body still running `STOP_GRACE` later is terminated."""
+
+
+Extension = TypeVar("Extension", bound=type[WorkSchedulerExtension])
+
+
+# -- producer side (BackgroundApp's work methods) -----------------------------------------
+
+
+def _checked_id(work_id: object) -> int:
+    return _whole(work_id, "work_id", 0, MAX_WORK_ID)
+
+
+def _record(work: WorkInfo) -> str:
+    """The Redis record of a new work (see lua/work_start.lua and work_end.lua)."""
+    record = {
+        "info": work.to_json(),
+        "p": work.is_persisted,
+        "s": "waiting",
+        "cy": work.repeat_cycle_time or 0,
+        "cnt": work.total_runs,
+        "n": 0,  # runs ended
+        "a": 0,  # runs lost to dead workers in a row
+    }
+    return json.dumps(record, separators=(",", ":"))
+
+
+def _check_owner(app: BackgroundApp, work: WorkInfo) -> None:
+    if work.bundle_name is not None and work.bundle_name != app.app_id:
+        raise WorkInfoCheckFailed(
+            f"work {work.work_id} names bundle {work.bundle_name!r}, not this app {app.app_id!r}"
+        )
+
+
+def start_work(app: BackgroundApp, work: WorkInfo) -> None:
+    """Add a work; it runs when a live worker matches its conditions (startWork)."""
+    if not isinstance(work, WorkInfo):
+        raise ParameterError(f"start_work takes a bgqueue.WorkInfo, got {type(work).__name__}")
+    work.validate()
+    _check_owner(app, work)
+    minimum_ms = app.limits.min_repeat_interval * 1000
+    short = work.repeat_cycle_time is not None and work.repeat_cycle_time < minimum_ms
+    if short and not efficiency.granted(app, efficiency.ResourceType.TIMER):
+        raise StartWorkFailed(
+            f"work {work.work_id}: repeat_cycle_time {work.repeat_cycle_time} ms is under the "
+            f"minimum of {minimum_ms:g} ms (Limits.min_repeat_interval); "
+            "only a TIMER efficiency resource lifts it"
+        )
+    args = [work.work_id, _record(work), app.limits.max_works]
+    result = app.call("work_start", app.keys.work_all, args, wake=True)
+    if result == b"exists":
+        raise StartWorkFailed(
+            f"work {work.work_id} already exists; stop_work(work, need_cancel=True) it first"
+        )
+    if result == b"full":
+        raise StartWorkFailed(
+            f"the app already has {app.limits.max_works} works (Limits.max_works); "
+            f"work {work.work_id} was not started"
+        )
+    app.announce()
+
+
+def stop_work(app: BackgroundApp, work: WorkInfo | int, need_cancel: bool = False) -> None:
+    """Stop the work's running run (its on_work_stop is called); with `need_cancel`, also
+    remove the work. A repeating work that is not cancelled runs again at its next cycle."""
+    if isinstance(work, WorkInfo):
+        work.validate()
+        _check_owner(app, work)
+        work_id = work.work_id
+    else:
+        work_id = _checked_id(work)
+    if not isinstance(need_cancel, bool):
+        raise ParameterError(f"need_cancel must be True or False, got {need_cancel!r}")
+    if not app.call("work_stop", app.keys.work_all, [int(need_cancel), work_id]):
+        raise WorkInfoCheckFailed(f"work {work_id} does not exist in app {app.app_id!r}")
+
+
+def stop_and_clear_works(app: BackgroundApp) -> None:
+    """Stop every running work and remove every work of the app (stopAndClearWorks)."""
+    app.call("work_stop", app.keys.work_all, [1])
+
+
+def _read_one(app: BackgroundApp, work_id: object) -> tuple[Any, Any]:
+    """The work's record and its last run, each raw JSON or None."""
+    raw, last = app.call("work_read", app.keys.work_all, [_checked_id(work_id)])
+    return raw, last
+
+
+def get_work_status(app: BackgroundApp, work_id: int) -> WorkInfo:
+    """A copy of the work's WorkInfo (getWorkStatus); WorkInfoCheckFailed if there is none."""
+    raw, _ = _read_one(app, work_id)
+    if raw is None:
+        raise WorkInfoCheckFailed(f"work {work_id} does not exist in app {app.app_id!r}")
+    return WorkInfo.from_json(json.loads(raw)["info"], app.app_id)
+
+
+def obtain_all_works(app: BackgroundApp) -> list[WorkInfo]:
+    """Copies of every work of the app, by work id (obtainAllWorks)."""
+    flat = app.call("work_read", app.keys.work_all, [""])
+    works = [WorkInfo.from_json(json.loads(raw)["info"], app.app_id) for raw in flat[1::2]]
+    return sorted(works, key=lambda work: work.work_id)
+
+
+def is_last_work_time_out(app: BackgroundApp, work_id: int) -> bool:
+    """Whether the work's last run reached its run limit (isLastWorkTimeOut). Answers for
+    an existing work (False before its first run) and for a finished one-shot work."""
+    raw, last = _read_one(app, work_id)
+    if last is not None:
+        return bool(json.loads(last)["to"])
+    if raw is None:
+        raise WorkInfoCheckFailed(f"work {work_id} does not exist in app {app.app_id!r}")
+    return False
+
+
+# -- beat side (bgqueue.beat.EXTENSIONS) ----------------------------------------------------
+
+
+class IdleClock:
+    """Since when (server ms) beat has seen each live worker idle, for `idle_wait_time`.
+
+    Each beat keeps its own in memory: a beat that takes over starts every clock again,
+    so a work may wait longer than its idle_wait_time, never less.
+    """
+
+    def __init__(self) -> None:
+        self.since: dict[tuple[str, str], int] = {}
+
+    def observe(self, app_id: str, live: dict[str, dict[str, Any]], now: int) -> None:
+        """Start the clock of workers newly idle; drop those busy, gone or dead."""
+        idle = {
+            (app_id, name)
+            for name, beat in live.items()
+            if beat.get("conditions", {}).get("idle") == "true"
+        }
+        for key in [k for k in self.since if k[0] == app_id and k not in idle]:
+            del self.since[key]
+        for key in idle:
+            self.since.setdefault(key, now)
+
+    def idle_ms(self, app_id: str, worker: str, now: int) -> int:
+        """How long the worker has been idle, as far as this beat has seen."""
+        return now - self.since.get((app_id, worker), now)
+
+
+_clocks: weakref.WeakKeyDictionary[Any, IdleClock] = weakref.WeakKeyDictionary()
+
+
+def _clock(beat: Any) -> IdleClock:
+    if beat not in _clocks:
+        _clocks[beat] = IdleClock()
+    return _clocks[beat]
+
+
+def dispatch(beat: Any, app: AppKeys, live: dict[str, dict[str, Any]]) -> float:
+    """Send every due work to a matching live worker; seconds until one is next due."""
+    raw = beat.scripts.work_due(keys=[app.works, app.work_due], args=[])
+    now = int(raw[0])
+    clock = _clock(beat)
+    clock.observe(app.app_id, live, now)
+    load = {name: float(hb.get("busy", 0)) for name, hb in live.items()}
+    picks: dict[str, str] = {}
+    next_due = float("inf")
+    for i in range(1, len(raw), 3):
+        work_id, due = raw[i].decode(), float(raw[i + 1])
+        if due > now:
+            next_due = min(next_due, (due - now) / 1000)
+            break  # earliest first: the rest are later still
+        info = _info(app, work_id, raw[i + 2]) if live else None
+        if info is None:
+            continue
+        worker, wait = _pick(info, live, load, clock, app.app_id, now)
+        next_due = min(next_due, wait)
+        if worker is not None:
+            picks[work_id] = worker
+            load[worker] += 1
+    if picks:
+        _claim_and_publish(beat, app, picks)
+    return next_due
+
+
+def _info(app: AppKeys, work_id: str, raw: bytes) -> WorkInfo | None:
+    try:
+        return WorkInfo.from_json(json.loads(raw)["info"], app.app_id)
+    except (ValueError, KeyError, TypeError) as exc:  # written by another version?
+        log.error("work %s of %s has an unreadable record: %s", work_id, app.app_id, exc)
+        return None
+
+
+def _pick(
+    info: WorkInfo,
+    live: dict[str, dict[str, Any]],
+    load: dict[str, float],
+    clock: IdleClock,
+    app_id: str,
+    now: int,
+) -> tuple[str | None, float]:
+    """The least busy live worker that matches the work now, and else seconds until one
+    will have been idle long enough (inf if none will by waiting alone)."""
+    ready: list[str] = []
+    wait = float("inf")
+    for name, beat in live.items():
+        if not matches_work(beat.get("conditions", {}), info):
+            continue
+        left = (info.idle_wait_time or 0) - clock.idle_ms(app_id, name, now)
+        if left > 0:
+            wait = min(wait, left / 1000)
+        else:
+            ready.append(name)
+    if not ready:
+        return None, wait
+    best = min(ready, key=lambda n: (load[n] / max(1, int(live[n].get("concurrency", 1))), n))
+    return best, float("inf")
+
+
+def _claim_and_publish(beat: Any, app: AppKeys, picks: dict[str, str]) -> None:
+    lease_ms = int(beat.settings.dispatch_lease * 1000)
+    args: list[Any] = [lease_ms]
+    for work_id, worker in picks.items():
+        args += [work_id, worker]
+    claimed = beat.scripts.work_claim(keys=app.work_all, args=args)
+    if not claimed:
+        return
+    with beat.celery.producer_or_acquire() as producer:
+        for i in range(0, len(claimed), 2):
+            work_id, gen = claimed[i].decode(), int(claimed[i + 1])
+            beat.celery.send_task(
+                WORK_TASK,
+                kwargs={"work_id": int(work_id), "gen": gen},
+                queue=app.worker_queue(picks[work_id]),
+                producer=producer,
+            )
+
+
+def sweep(beat: Any, app: AppKeys, live: dict[str, dict[str, Any]]) -> None:
+    """Recover works whose lease lapsed: not started in time, or their worker died."""
+    _clock(beat).observe(app.app_id, live, beat.server_ms())
+    lapsed = beat.client.zrangebyscore(app.work_leases, "-inf", beat.server_ms())
+    if not lapsed:
+        return
+    records = beat.client.hmget(app.works, lapsed)
+    waiting = _queued(beat, app, live, records)
+    renew: list[bytes] = []
+    recover: list[bytes] = []
+    for work_id, raw in zip(lapsed, records, strict=True):
+        record = json.loads(raw) if raw else {}
+        # A message waiting behind others on a live worker's queue is not lost.
+        queued = record.get("s") == "dispatched" and record.get("w") in waiting
+        (renew if queued else recover).append(work_id)
+    if renew:
+        until = beat.server_ms() + int(beat.settings.dispatch_lease * 1000)
+        beat.client.zadd(app.work_leases, {work_id: until for work_id in renew}, xx=True)
+    if recover:
+        out = beat.scripts.work_recover(
+            keys=app.work_all, args=[beat.settings.max_attempts, *recover]
+        )
+        for i in range(0, len(out), 2):
+            log.warning(
+                "work %s of %s: lease lapsed, %s", out[i].decode(), app.app_id, out[i + 1].decode()
+            )
+
+
+def _queued(
+    beat: Any, app: AppKeys, live: dict[str, dict[str, Any]], records: list[Any]
+) -> set[str]:
+    """Live workers, among those of dispatched works, whose own queue is not empty (in any
+    of the lists kombu keeps per priority step, see AppKeys.queue_lists)."""
+    workers = sorted({json.loads(raw).get("w") for raw in records if raw} & set(live))
+    steps = app.KOMBU_PRIORITY_STEPS[1:]
+    with beat.client.pipeline(transaction=False) as pipe:
+        for worker in workers:
+            name = app.worker_queue(worker)
+            for key in [name, *(f"{name}{app.KOMBU_SEP}{step}" for step in steps)]:
+                pipe.llen(key)
+        lengths = pipe.execute()
+    per = len(steps) + 1
+    return {w for i, w in enumerate(workers) if any(lengths[i * per : (i + 1) * per])}
+
+
+# -- worker side ------------------------------------------------------------------------------
+
+
+def add_celery_task(app: BackgroundApp, celery: Celery) -> None:
+    """Register the Celery task that runs works' extensions on this worker."""
+
+    def run(work_id: int, gen: int) -> dict[str, Any]:
+        return execute(app, work_id, gen)
+
+    run.__doc__ = "Runs a work's WorkSchedulerExtension (the work scheduler)"
+    celery.task(name=WORK_TASK, acks_late=True, ignore_result=True)(run)
+
+
+def execute(app: BackgroundApp, work_id: int, gen: int) -> dict[str, Any]:
+    """Run one dispatched work if its message is current; returns a summary for Celery."""
+    settings = app.settings
+    name = runtime.context.name
+    lease_ms = int(settings.heartbeat_timeout * 1000)
+    raw = app.call("work_begin", app.keys.work_all, [work_id, gen, name, lease_ms])
+    if raw is None:
+        return {"outcome": "stale", "work_id": work_id}
+    info = WorkInfo.from_json(json.loads(raw)["info"], app.app_id)
+    held = runtime.context.conditions(settings.heartbeat_interval)
+    if not matches_work(held, info):
+        end_run(app, work_id, gen, "release")
+        return {"outcome": "released", "work_id": work_id}
+    handler = app.work_handlers.get(info.ability_name)
+    if handler is None:
+        reason = (
+            f"no WorkSchedulerExtension registered for {info.ability_name!r} on worker {name}; "
+            f"register one with @app.work({info.ability_name!r})"
+        )
+        log.error("work %s of %s: %s", work_id, app.app_id, reason)
+        end_run(app, work_id, gen, "done", reason=reason)
+        return {"outcome": "failed", "work_id": work_id, "reason": reason}
+    return WorkRun(app, info, gen, run_limit(app, held)).execute(handler)
+
+
+def run_limit(app: BackgroundApp, held: dict[str, str]) -> float:
+    """Seconds a run may last: `work_run_limit`, or more under a WORK_SCHEDULER grant."""
+    try:
+        granted = efficiency.granted(app, efficiency.ResourceType.WORK_SCHEDULER)
+    except Exception as exc:  # a broker blip: run under the ordinary limit rather than fail
+        log.warning("could not look up the WORK_SCHEDULER grant: %s", type(exc).__name__)
+        granted = False
+    if not granted:
+        return app.limits.work_run_limit
+    charging = held.get("external_power") == "true"
+    return GRANTED_RUN_LIMIT_CHARGING if charging else GRANTED_RUN_LIMIT
+
+
+def end_run(
+    app: BackgroundApp,
+    work_id: int,
+    gen: int,
+    mode: str,
+    timed_out: bool = False,
+    reason: str = "",
+) -> bool:
+    """work_end.lua: False if the run was no longer current (given up, or its work removed).
+
+    Wakes beat: the work's next due time is new to it."""
+    args = [work_id, gen, mode, int(timed_out), reason[:500]]
+    return bool(app.call("work_end", app.keys.work_all, args, wake=True))
+
+
+class WorkRun:
+    """One run of a work's extension under its run limit: ended exactly once, by the body
+    returning or by the watchdog (run limit, stop_work, or the run given up as lost)."""
+
+    def __init__(self, app: BackgroundApp, info: WorkInfo, gen: int, limit: float) -> None:
+        self.app = app
+        self.info = info
+        self.gen = gen
+        self.limit = limit
+        self.timed_out = False
+        self.extension: WorkSchedulerExtension | None = None
+        self._lock = threading.Lock()
+        self._ended = False
+        self._stopping = False  # the watchdog is stopping the run and will record its end
+        self._returned = threading.Event()
+        self._body_thread = threading.get_ident()
+
+    def copy(self) -> WorkInfo:
+        """A fresh WorkInfo for a handler call: what a handler changes stays its own."""
+        return WorkInfo.from_json(self.info.to_json(), self.app.app_id)
+
+    def execute(self, handler: type[WorkSchedulerExtension]) -> dict[str, Any]:
+        """Call on_work_start with a watchdog running; returns a summary for Celery."""
+        try:
+            self.extension = handler()
+        except Exception as exc:
+            self._body_ended(_describe(exc))
+            return self._summary()
+        watchdog = threading.Thread(
+            target=self._watch, name=f"bgqueue-work-{self.info.work_id}", daemon=True
+        )
+        watchdog.start()
+        reason = ""
+        try:
+            self.extension.on_work_start(self.copy())
+        except runtime.TaskTerminated:
+            pass  # the watchdog ended the run
+        except Exception as exc:  # the handler's failure ends the run, not the worker
+            log.exception("on_work_start of work %s raised", self.info.work_id)
+            reason = _describe(exc)
+        finally:
+            self._returned.set()
+        self._body_ended(reason)
+        return self._summary()
+
+    def _summary(self) -> dict[str, Any]:
+        outcome = "timed out" if self.timed_out else "ended"
+        return {"outcome": outcome, "work_id": self.info.work_id, "gen": self.gen}
+
+    def _body_ended(self, reason: str) -> None:
+        with self._lock:
+            if self._stopping or self._ended:
+                return
+            self._ended = True
+        self._record(reason)
+
+    def _record(self, reason: str) -> None:
+        try:
+            current = end_run(self.app, self.info.work_id, self.gen, "done", self.timed_out, reason)
+        except Exception as exc:  # the lease then lapses and the sweep runs the work again
+            log.warning("could not record the end of work %s: %s", self.info.work_id, exc)
+            return
+        if not current:
+            log.info("work %s run %s had been removed or given up", self.info.work_id, self.gen)
+
+    # -- watchdog -----------------------------------------------------------------
+
+    def _watch(self) -> None:
+        interval = self.app.settings.heartbeat_interval
+        deadline = time.monotonic() + self.limit
+        next_renew = time.monotonic() + interval
+        while not self._returned.wait(max(0.0, min(next_renew, deadline) - time.monotonic())):
+            now = time.monotonic()
+            if now >= deadline:
+                self._stop(f"run limit of {self.limit:g} s reached", timed_out=True)
+                return
+            if now >= next_renew:
+                next_renew = now + interval
+                alive, stop = self._renew()
+                if stop:
+                    self._stop("stopped by stop_work")
+                    return
+                if not alive:
+                    log.warning("work %s run %s was given up as lost", self.info.work_id, self.gen)
+                    self._stop(None)
+                    return
+
+    def _renew(self) -> tuple[bool, bool]:
+        lease_ms = int(self.app.settings.heartbeat_timeout * 1000)
+        args = [self.info.work_id, self.gen, lease_ms]
+        try:
+            alive, stop = self.app.call("work_renew", self.app.keys.work_all, args)
+        except Exception as exc:  # a broker blip must not kill the watchdog
+            log.warning("could not renew work %s: %s", self.info.work_id, type(exc).__name__)
+            return True, False
+        return bool(alive), bool(stop)
+
+    def _stop(self, reason: str | None, timed_out: bool = False) -> None:
+        """Call on_work_stop, record the end (reason None: the sweep already did), and end
+        a body that does not return by itself."""
+        with self._lock:
+            if self._ended or self._returned.is_set():
+                return
+            self._stopping = True
+        self.timed_out = timed_out
+        assert self.extension is not None
+        try:
+            self.extension.on_work_stop(self.copy())
+        except Exception:
+            log.exception("on_work_stop of work %s raised", self.info.work_id)
+        with self._lock:
+            self._ended = True
+        if reason is not None:
+            self._record(reason)
+        if not self._returned.wait(STOP_GRACE):
+            self._terminate()
+
+    def _terminate(self) -> None:
+        log.warning("terminating work %s (run %s)", self.info.work_id, self.gen)
+        if runtime.context.pool_process:
+            os.kill(os.getpid(), signal.SIGKILL)  # Celery's prefork pool replaces the process
+        # Solo or thread pools share the process: interrupt the body's thread instead.
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(self._body_thread), ctypes.py_object(runtime.TaskTerminated)
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]

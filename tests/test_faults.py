@@ -117,7 +117,7 @@ def stuck(client: redis.Redis) -> str:
             f"{scope}/{identifier} {state}, lease lapses in {(score - now_ms) / 1000:.1f}s, "
             f"message {where}"
         )
-    queued = sum(client.llen(APP_KEYS.queue(p)) for p in range(16))
+    queued = sum(client.llen(name) for p in range(16) for name in APP_KEYS.queue_lists(p))
     return f"{'; '.join(lines) or 'no dispatched request'}; {queued} message(s) queued"
 
 
