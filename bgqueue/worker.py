@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
 
-from bgqueue import conditions, continuous_runtime, runtime, works
+from bgqueue import conditions, continuous_runtime, runtime, work_runtime
 from bgqueue.celery_config import celery_config
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def make_celery(app: BackgroundApp) -> Celery:
     for identifier in app.handlers:
         add_celery_task(app, identifier, celery)
     continuous_runtime.add_celery_task(app, celery)  # one task runs every continuous handler
-    works.add_celery_task(app, celery)  # one task runs every work's extension
+    work_runtime.add_celery_task(app, celery)  # one task runs every work's extension
     Heartbeat.attach(app, celery)
     return celery
 
