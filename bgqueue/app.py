@@ -270,7 +270,12 @@ class BackgroundApp:
                 pipe.zcount(self.keys.due(served_profile), "-inf", now)
             running_raw, dispatched, *due = pipe.execute()
         running = Counter(json.loads(raw)["w"] for raw in running_raw)
-        idle = sum(max(0, beat["concurrency"] - running[name]) for name, beat in capable.items())
+        # The heartbeat's busy count also covers continuous tasks and works holding a process;
+        # the running records cover requests started since that heartbeat.
+        idle = sum(
+            max(0, beat["concurrency"] - max(running[name], beat["busy"]))
+            for name, beat in capable.items()
+        )
         return int(idle - dispatched - sum(due))
 
     # -- transient delays (bgqueue/transient.py) ----------------------------------------
