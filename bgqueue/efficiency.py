@@ -177,9 +177,13 @@ def reset_all(app: BackgroundApp) -> None:
 
 def all_grants(app: BackgroundApp) -> list[EfficiencyResourcesInfo]:
     """Every grant the app holds now: app-level first, then process-level, by type."""
-    names = app.keys.efficiency_all
     with app.service():
-        values = app.client.mget(names)
+        return read_grants(app.client, app.keys)
+
+
+def read_grants(client: Any, app_keys: AppKeys) -> list[EfficiencyResourcesInfo]:
+    """`all_grants` for code with a client and an app's keys but no BackgroundApp (status)."""
+    values = client.mget(app_keys.efficiency_all)
     found = []
     for index, raw in enumerate(values):
         if raw is None:

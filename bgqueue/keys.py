@@ -106,6 +106,12 @@ class AppKeys:
         """STRING counter of suspend-delay request ids."""
         return f"{self.base}:transient:seq"
 
+    @property
+    def transient_scopes(self) -> str:
+        """ZSET scope → ms of its latest grant: the scopes that may hold delays or quota
+        charges (an index for `bgqueue status`; entries over two days old are trimmed)."""
+        return f"{self.base}:transient:scopes"
+
     # -- efficiency resources (bgqueue/efficiency.py) --
 
     # kombu's Redis transport (kombu.transport.redis: Channel.sep, PRIORITY_STEPS) keeps a
@@ -192,3 +198,8 @@ class AppKeys:
     def work_leases(self) -> str:
         """ZSET of dispatched or running works by the ms they are presumed lost."""
         return f"{self.base}:work:leases"
+
+    @property
+    def work_last(self) -> str:
+        """HASH of each work's last run by id (JSON: timed out, start, end, worker, runs)."""
+        return f"{self.base}:work:last"

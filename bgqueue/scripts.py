@@ -6,6 +6,7 @@ in KEYS so the scripts stay valid on Redis Cluster (all keys of one app share a 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +49,22 @@ NAMES = (
 )
 
 
+FOLDER = Path(__file__).parent / "lua"
+# Lua has no import: a line `-- include: NAME ...` is replaced by lua/include/NAME.lua.
+INCLUDE = re.compile(r"^-- include: (\w+).*$", re.MULTILINE)
+
+
+def source(name: str) -> str:
+    """The text of lua/NAME.lua with its includes spliced in."""
+    text = (FOLDER / f"{name}.lua").read_text()
+    return INCLUDE.sub(lambda found: (FOLDER / "include" / f"{found[1]}.lua").read_text(), text)
+
+
 class Scripts:
     """Callable scripts bound to one client: `scripts.submit(keys=[...], args=[...])`."""
 
     def __init__(self, client: redis.Redis) -> None:
-        folder = Path(__file__).parent / "lua"
-        self._scripts = {
-            name: client.register_script((folder / f"{name}.lua").read_text()) for name in NAMES
-        }
+        self._scripts = {name: client.register_script(source(name)) for name in NAMES}
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -27,6 +27,7 @@ from bgqueue.errors import (
 
 if TYPE_CHECKING:
     from bgqueue.app import BackgroundApp
+    from bgqueue.keys import AppKeys
 
 log = logging.getLogger("bgqueue.transient")
 
@@ -51,15 +52,20 @@ class TransientTaskInfo:
     transient_tasks: list[DelaySuspendInfo] = field(default_factory=list)
 
 
-def _script_keys(app: BackgroundApp, scope: str) -> list[str]:
-    k = app.keys
+def script_keys(k: AppKeys, scope: str) -> list[str]:
+    """The KEYS of `lua/transient_delays.lua` for one scope of an app."""
     return [
         k.transient_delays(scope),
         k.transient_runs(scope),
         k.transient_ledger(scope),
         k.running,
         k.transient_seq,
+        k.transient_scopes,
     ]
+
+
+def _script_keys(app: BackgroundApp, scope: str) -> list[str]:
+    return script_keys(app.keys, scope)
 
 
 def _ms(seconds: float) -> int:
@@ -72,6 +78,11 @@ def info(app: BackgroundApp, scope: str) -> TransientTaskInfo:
     raw = app.call(
         SCRIPT, _script_keys(app, scope), ["info", _ms(app.limits.transient_daily_quota)]
     )
+    return parse_info(raw)
+
+
+def parse_info(raw: list[Any]) -> TransientTaskInfo:
+    """A TransientTaskInfo from the reply of the script's `info` operation."""
     delays = [DelaySuspendInfo(int(raw[i]), int(raw[i + 1])) for i in range(1, len(raw), 2)]
     return TransientTaskInfo(int(raw[0]), sorted(delays, key=lambda d: d.request_id))
 
@@ -147,6 +158,7 @@ class RunDelays:
                 _ms(limits.transient_max_delay),
                 _ms(limits.transient_daily_quota),
                 reason[:MAX_REASON],
+                self.scope,
             )
             self._refused(reply)
             request_id, actual = int(reply[1]), int(reply[2])

@@ -192,6 +192,8 @@ class Heartbeat:
             "continuous": self.serves_continuous,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            # For `bgqueue status`, which has no app module to read the app's Limits from.
+            "transient_daily_quota": self.app.limits.transient_daily_quota,
         }
         timeout_ms = int(self.app.settings.heartbeat_timeout * 1000)
         changed = found != self.last

@@ -9,7 +9,6 @@ handler ends, and restarts on another worker after a SIGKILL or a warm shutdown.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -48,11 +47,7 @@ def _kill_processes_at_teardown(cluster: Cluster) -> Iterator[None]:
     """SIGKILL the test's processes once its assertions are done: a graceful Celery
     shutdown takes seconds per worker and is not what most of these tests check."""
     yield
-    for proc in cluster.procs:
-        if proc.alive():
-            os.killpg(proc.pid, signal.SIGKILL)
-    for proc in cluster.procs:
-        proc.popen.wait(10)
+    cluster.kill_all()
 
 
 def worker(cluster: Cluster, name: str, continuous: bool = True, concurrency: int = 1) -> Any:

@@ -10,8 +10,6 @@ fields of history records. Every wait polls a condition with a deadline.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -55,11 +53,7 @@ def _kill_processes_at_teardown(cluster: Cluster) -> Iterator[None]:
     Celery shutdown takes about 1.5 s per worker and is not what these tests check. The
     harness's own stop then finds nothing left to stop."""
     yield
-    for proc in cluster.procs:
-        if proc.alive():
-            os.killpg(proc.pid, signal.SIGKILL)
-    for proc in cluster.procs:
-        proc.popen.wait(10)
+    cluster.kill_all()
 
 
 # --- helpers ------------------------------------------------------------------------

@@ -11,8 +11,6 @@ with a deadline.
 from __future__ import annotations
 
 import json
-import os
-import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,11 +49,7 @@ def _kill_processes_at_teardown(cluster: Cluster) -> Iterator[None]:
     """SIGKILL the test's processes at once when it is done: a graceful Celery shutdown
     is slow and not what these tests check."""
     yield
-    for proc in cluster.procs:
-        if proc.alive():
-            os.killpg(proc.pid, signal.SIGKILL)
-    for proc in cluster.procs:
-        proc.popen.wait(10)
+    cluster.kill_all()
 
 
 def start(cluster: Cluster, *names: str, concurrency: int = 2) -> None:

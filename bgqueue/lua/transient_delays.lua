@@ -22,9 +22,12 @@
 --                                    it was charged; entries older than 24 h are dropped
 -- KEYS[4]  running                   HASH generation → running record
 -- KEYS[5]  transient:seq             STRING request id counter (per app)
+-- KEYS[6]  transient:scopes          ZSET scope → ms of its latest grant: the index of scopes
+--                                    with delays or charges (`bgqueue status` reads it);
+--                                    a grant adds its scope and drops entries over 2 days old
 -- ARGV[1]  operation, then its arguments:
 --   grant   generation, ms to the run's base deadline (negative if past), max concurrent,
---           max delay ms, daily quota ms, reason
+--           max delay ms, daily quota ms, reason, scope name
 --           → {'ok', request id, actual delay ms} | {'gone'} (run not running)
 --             | {'limit', live delays} | {'quota', 0}; a refusal writes nothing
 --   cancel  generation, ms to the run's base deadline, request id
@@ -134,6 +137,10 @@ if op == 'grant' then
   redis.call('HSET', RUNS, gen, cjson.encode(run.rec))
   local id = redis.call('INCR', KEYS[5])
   redis.call('HSET', DELAYS, id, cjson.encode({g = gen, s = now, e = now + actual, r = ARGV[7]}))
+  -- A scope's charges fall out of the ledger a day after its last grant at the latest
+  -- (a delay lasts at most the max delay): two days keeps every scope that has any.
+  redis.call('ZADD', KEYS[6], now, ARGV[8])
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - 2 * DAY)
   return {'ok', id, actual}
 end
 
