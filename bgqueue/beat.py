@@ -23,10 +23,11 @@ from typing import Any
 import redis
 from celery import Celery
 
-from bgqueue import continuous, efficiency, keys, works
+from bgqueue import continuous, efficiency, keys, logs, works
 from bgqueue.broker import connect
 from bgqueue.celery_config import celery_config
 from bgqueue.conditions import profiles
+from bgqueue.metrics import BeatMetrics
 from bgqueue.scripts import Scripts
 from bgqueue.settings import Settings
 
@@ -47,6 +48,7 @@ class Claimed:
     member: str
     gen: int
     profile: int
+    begin: int = 0  # ms it may start: its earliest-begin date, or when it became pending
 
 
 class Beat:
@@ -63,6 +65,7 @@ class Beat:
         self.stopping = threading.Event()
         self.offset = 0.0  # server clock minus local clock, seconds
         self.dispatched = 0
+        self.metrics: BeatMetrics | None = None  # set to serve metrics (metrics.serve_beat)
 
     # -- leadership -----------------------------------------------------------
 
@@ -113,6 +116,8 @@ class Beat:
                 self._wait(wakes, min(next_due, sweep_at - now, renew_at - now, MAX_SLEEP))
         finally:
             wakes.close()
+            if self.metrics is not None:
+                self.metrics.clear()
 
     @staticmethod
     def _wait(wakes: Any, timeout: float) -> None:
@@ -156,6 +161,8 @@ class Beat:
 
     def _dispatch_app(self, app: keys.AppKeys, live: dict[str, dict[str, Any]]) -> float:
         eligible = sorted({p for beat in live.values() for p in profiles(beat["conditions"])})
+        if self.metrics is not None:
+            self.metrics.note_capable(app.app_id, eligible, self.server_ms())
         batch = self.settings.claim_batch
         while eligible:
             with self.client.pipeline(transaction=False) as pipe:
@@ -179,11 +186,13 @@ class Beat:
         return float("inf")
 
     def _claim_and_publish(self, app: keys.AppKeys, profile: int, members: list[str]) -> None:
-        script_keys = [app.due(profile), app.leases, app.seq]
+        script_keys = [app.due(profile), app.leases, app.seq, app.counts]
         script_keys += [app.requests(keys.split_member(m)[0]) for m in members]
         claim_ms = int(self.settings.claim_lease * 1000)
-        raw = self.scripts.claim(keys=script_keys, args=[claim_ms, *members])
-        self.publish(app, _claimed(raw))
+        claimed = _claimed(self.scripts.claim(keys=script_keys, args=[claim_ms, *members]))
+        if self.metrics is not None:
+            self.metrics.observe_claims(app.app_id, claimed, self.server_ms())
+        self.publish(app, claimed)
 
     def publish(self, app: keys.AppKeys, claimed: list[Claimed]) -> None:
         """Send each claimed request to its profile's queue, then extend its lease.
@@ -212,12 +221,16 @@ class Beat:
 
     def sweep(self) -> None:
         """Publish again what was claimed but not delivered; requeue runs whose lease lapsed."""
+        seen = []
         for app in self.apps():
             self._sweep_dispatches(app)
             self._sweep_runs(app)
             live = self.live_workers(app)
             for extension in EXTENSIONS:
                 extension.sweep(self, app, live)
+            seen.append((app, live))
+        if self.metrics is not None:  # the gauges are refreshed here, not on every dispatch
+            self.metrics.refresh(self, seen)
 
     def _sweep_dispatches(self, app: keys.AppKeys) -> None:
         batch = self.settings.claim_batch
@@ -265,10 +278,15 @@ class Beat:
                 app.requests(scope),
                 app.due(record["r"]),
                 app.expire,
+                app.counts,
             ]
             args = [gen, self.settings.history_limit, self.settings.max_attempts]
             outcome = self.scripts.recover(keys=script_keys, args=args)
-            if outcome:
+            if not outcome:
+                continue
+            if self.metrics is not None:
+                self.metrics.lost_run(app.app_id, record["k"])
+            with logs.request(app.app_id, scope, record["i"], int(gen)):
                 log.warning(
                     "run %s of %s/%s lost its worker %s: %s",
                     gen.decode(),
@@ -280,7 +298,10 @@ class Beat:
 
 
 def _claimed(raw: list[Any]) -> list[Claimed]:
-    return [
-        Claimed(raw[i].decode(), int(raw[i + 1]), int(json.loads(raw[i + 2])["r"]))
-        for i in range(0, len(raw), 3)
-    ]
+    claimed = []
+    for i in range(0, len(raw), 3):
+        record = json.loads(raw[i + 2])
+        member, gen = raw[i].decode(), int(raw[i + 1])
+        begin = max(int(record["e"]), int(record.get("t", 0)))
+        claimed.append(Claimed(member, gen, int(record["r"]), begin))
+    return claimed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
+from bgqueue import logs, metrics
 from bgqueue.app import BackgroundApp
 from bgqueue.broker import ENV_BROKER_URL, connect, redact, resolve_broker_url
 from bgqueue.conditions import parse_overrides
@@ -46,6 +48,28 @@ app_option = click.option(
 scope_option = click.option(
     "--scope", default="default", show_default=True, help="The scope (device)."
 )
+metrics_port_option = click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    envvar="BGQUEUE_METRICS_PORT",
+    help="Serve Prometheus metrics on this port (default: $BGQUEUE_METRICS_PORT, else off).",
+)
+metrics_address_option = click.option(
+    "--metrics-address",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="BGQUEUE_METRICS_ADDRESS",
+    help="Address the metrics port binds to.",
+)
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="BGQUEUE_LOG_FORMAT",
+    help="json: one JSON object per line, naming app, scope, identifier and request id.",
+)
 
 
 def _app(app_spec: str, broker: str | None) -> BackgroundApp:
@@ -74,6 +98,9 @@ def main() -> None:
 @click.option("--concurrency", type=click.IntRange(1, 512), default=None, help="Pool processes.")
 @click.option("--continuous", is_flag=True, help="Also run continuous (long-running) tasks.")
 @click.option("--loglevel", default="INFO", show_default=True)
+@log_format_option
+@metrics_port_option
+@metrics_address_option
 def worker(
     app_spec: str,
     broker: str | None,
@@ -82,6 +109,9 @@ def worker(
     concurrency: int | None,
     continuous: bool,
     loglevel: str,
+    log_format: str,
+    metrics_port: int | None,
+    metrics_address: str,
 ) -> None:
     """Run a worker for an app's registered handlers."""
     from bgqueue.worker import CONDITIONS_ENV, CONTINUOUS_ENV, NAME_ENV
@@ -93,23 +123,43 @@ def worker(
     os.environ[NAME_ENV] = name
     os.environ[CONDITIONS_ENV] = ",".join(f"{k}={v}" for k, v in overrides.items())
     app.client  # noqa: B018 -- fail with ServiceError now, not inside Celery
+    logs.use_in_celery(log_format, loglevel)
+    if metrics_port is not None:  # before the pool forks: pool processes count into it
+        metrics.serve_worker(metrics_port, metrics_address)
     argv = ["worker", f"--hostname={name}@%h", f"--loglevel={loglevel}", "--pool=prefork"]
     # Mingle and gossip sync Celery-level state bgqueue keeps in Redis; they only slow start-up.
     argv += ["--without-mingle", "--without-gossip"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
+    if log_format == "json":  # the start-up banner is plain text on stdout
+        argv.insert(0, "--quiet")
     app.celery.worker_main(argv)
 
 
 @main.command()
 @broker_option
-def beat(broker: str | None) -> None:
+@click.option("--loglevel", default="INFO", show_default=True)
+@log_format_option
+@metrics_port_option
+@metrics_address_option
+def beat(
+    broker: str | None,
+    loglevel: str,
+    log_format: str,
+    metrics_port: int | None,
+    metrics_address: str,
+) -> None:
     """Run beat: dispatch due requests to capable workers (one leads, others stand by)."""
     from bgqueue.beat import Beat
 
+    logs.configure(log_format, loglevel)
     process = Beat(resolve_broker_url(broker))
+    if metrics_port is not None:
+        process.metrics = metrics.serve_beat(metrics_port, metrics_address)
     signal.signal(signal.SIGTERM, lambda *_: process.stop())
-    click.echo(f"beat {process.token} on {redact(resolve_broker_url(broker))}")
+    logging.getLogger("bgqueue.beat").info(
+        "beat %s on %s", process.token, redact(resolve_broker_url(broker))
+    )
     try:
         process.run()
     except KeyboardInterrupt:
@@ -258,7 +308,8 @@ def simulate(app_spec: str, broker: str | None, scope: str, action: str, identif
 @main.command()
 @broker_option
 def status(broker: str | None) -> None:
-    """Beat leader, workers with conditions and heartbeats, pending and running counts."""
+    """Beat leader; per app: workers, requests, continuous tasks, transient delays and
+    quota per scope, efficiency grants and works."""
     from bgqueue.status import report
 
     click.echo(report(connect(resolve_broker_url(broker))))
@@ -268,7 +319,7 @@ def status(broker: str | None) -> None:
 @broker_option
 @click.option("--flower-port", default=5555, show_default=True)
 def demo(broker: str | None, flower_port: int) -> None:
-    """Embedded Redis, beat, workers, Flower and an example app submitting work, until Ctrl-C."""
+    """Embedded Redis, beat, workers, Flower and a narrated example app, until Ctrl-C."""
     from bgqueue.demo import run_demo
 
     run_demo(resolve_broker_url(broker), flower_port)

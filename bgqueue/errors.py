@@ -106,3 +106,35 @@ class StartWorkFailed(BackgroundTaskError):
     """The work exists, the app has its maximum works, or the interval is too short."""
 
     code = 9700005
+
+
+# --- outcomes reported to Celery (and so to Flower) ------------------------------------------
+
+
+class TaskOutcomeError(Exception):
+    """Raised by a run's Celery task after the run's outcome is recorded in bgqueue's history,
+    so that Celery and Flower show a run that did not succeed as FAILURE, saying what happened.
+
+    Not a `BackgroundTaskError`: nothing was refused. `body_stopped` is True when the body
+    had to be interrupted in a pool process; the worker then retires that process.
+    """
+
+    body_stopped: bool = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class TaskUnsuccessful(TaskOutcomeError):
+    """The run completed unsuccessfully: `set_task_completed(success=False)`, or no
+    expiration handler was set when its time ran out."""
+
+
+class TaskFailed(TaskOutcomeError):
+    """The launch handler raised (the message names the exception), the run was given up as
+    lost, or no handler for the identifier was registered on the worker."""
+
+
+class TaskExpired(TaskOutcomeError):
+    """The run did not complete by its deadline and was terminated."""

@@ -13,6 +13,9 @@ Per app (`bgqueue:{app}:...`):
   running          HASH request id (generation) → JSON record of a running task.
   runleases        ZSET request id → ms when the run is presumed dead (renewed by its watchdog).
   seq              STRING generation counter: one number per dispatch.
+  counts           HASH "<kind>:<profile>" → requests of that kind pending in due:<profile>,
+                   "<kind>:dispatched" → requests of that kind dispatched, not started;
+                   kept by the request scripts so beat's metrics need no record decoded.
   history:<scope>  LIST of JSON TaskRecords, newest first, capped.
   workers          HASH worker name → JSON heartbeat (conditions, slots, queues).
   alive            ZSET worker name → ms its heartbeat lapses (server clock).
@@ -54,6 +57,7 @@ class AppKeys:
         self.running = f"{self.base}:running"
         self.runleases = f"{self.base}:runleases"
         self.seq = f"{self.base}:seq"
+        self.counts = f"{self.base}:counts"
         self.workers = f"{self.base}:workers"
         self.expire = f"{self.base}:expire"
         self.alive = f"{self.base}:alive"

@@ -2,24 +2,31 @@
 
 The body runs in the pool process's main thread; a watchdog thread renews the run's
 lease, calls the expiration handler before the deadline, and terminates a body that
-overruns it. Terminating means killing the pool process: Python cannot stop a
-thread, and Celery's prefork pool replaces a lost process by itself.
+overruns it. Terminating means raising `TaskTerminated` in the body from a signal
+handler (so even a sleep or a blocking read ends), letting the Celery task report the
+outcome (Flower shows `TaskExpired`), and then retiring the pool process, which
+Celery's prefork pool replaces; a body that has not returned a second after the
+signal has its pool process killed instead: Python cannot stop a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import json
 import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bgqueue import conditions, efficiency
+from bgqueue import conditions, efficiency, logs, metrics
 from bgqueue.requests import Kind, State
 from bgqueue.tasks import TASK_CLASSES, BGTask, ContinuedProcessingTask
 from bgqueue.transient import RunDelays
@@ -31,7 +38,72 @@ log = logging.getLogger("bgqueue.runtime")
 
 
 class TaskTerminated(BaseException):
-    """Raised into a body that overran its deadline where its process cannot be killed."""
+    """Raised into a body that must stop (it overran its deadline, or its run was given up as
+    lost); a BaseException, so that a body's `except Exception` does not swallow it."""
+
+
+# Stopping a body in a pool process: the watchdog sends the body's (main) thread
+# INTERRUPT_SIGNAL, whose handler raises TaskTerminated; it is billiard's soft-time-limit
+# signal, whose handler stays in charge of any other SIGUSR1. A body that has not returned
+# INTERRUPT_GRACE seconds later has its process killed. Once a stopped run's outcome has
+# reached the worker's main process, that process sends RETIRE_SIGNAL, and the pool process
+# leaves as billiard recycles one (EX_RECYCLE, replaced at once): whatever the stopped body
+# left behind (threads, half-changed state) goes with it.
+INTERRUPT_SIGNAL = signal.SIGUSR1
+RETIRE_SIGNAL = signal.SIGUSR2
+INTERRUPT_GRACE = 1.0
+EX_RECYCLE = 0x9B  # billiard.pool.EX_RECYCLE: the parent replaces the process without a warning
+
+
+class _Interrupts:
+    """A pool process's handlers of INTERRUPT_SIGNAL and RETIRE_SIGNAL, installed once from
+    its main thread (signal handlers run there, and only there can they be installed)."""
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.previous: Any = None
+        self.run: Run | None = None  # the run whose body a watchdog may interrupt
+        self.sent = False  # a watchdog sent INTERRUPT_SIGNAL, not yet handled
+
+    def install(self) -> bool:
+        """Install the handlers in a pool process's main thread; whether they are installed."""
+        main = threading.current_thread() is threading.main_thread()
+        if not self.installed and context.pool_process and main:
+            self.previous = signal.signal(INTERRUPT_SIGNAL, self._interrupt)
+            signal.signal(RETIRE_SIGNAL, _retire)
+            self.installed = True
+        return self.installed
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        if not self.sent:  # not a watchdog's: Celery's soft time limit, if one is set
+            if callable(self.previous):
+                self.previous(signum, frame)
+            return
+        self.sent = False
+        if self.run is not None:
+            self.run._interrupted()
+
+
+_interrupts = _Interrupts()
+
+
+def _retire(signum: int, frame: Any) -> None:
+    """RETIRE_SIGNAL: the pool process is idle (its last run's outcome has been reported and
+    consumed), so it leaves at once, with the exit code of a recycled process; the parent
+    notices the exit and forks a replacement."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EX_RECYCLE)
+
+
+def retire_pool_process(pid: int | None) -> None:
+    """In the worker's main process: retire the pool process `pid`, whose run's body had to
+    be stopped, once that run's outcome has been reported (see INTERRUPT_SIGNAL)."""
+    if not pid or pid == os.getpid():  # a solo pool runs tasks in the worker itself
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, RETIRE_SIGNAL)
 
 
 @dataclass
@@ -41,7 +113,7 @@ class WorkerContext:
 
     name: str = "worker"
     overrides: dict[str, str] = field(default_factory=dict)
-    # True in prefork pool processes, where killing the process is how a body is stopped.
+    # True in prefork pool processes, where a body is stopped by a signal (INTERRUPT_SIGNAL).
     pool_process: bool = False
     _probed: dict[str, str] = field(default_factory=dict)
     _probed_at: float = 0.0
@@ -71,10 +143,23 @@ def budget_of(app: BackgroundApp, kind: Kind) -> float:
 def execute(
     app: BackgroundApp, identifier: str, scope: str, gen: int, profile: int
 ) -> dict[str, Any]:
-    """Run one dispatched request if its message is current; returns a summary for Celery."""
+    """Run one dispatched request if its message is current; returns a summary for Celery.
+    Every line logged meanwhile names the request (bgqueue.logs)."""
+    with logs.request(app.app_id, scope, identifier, gen):
+        return _execute(app, identifier, scope, gen, profile)
+
+
+def _execute(
+    app: BackgroundApp, identifier: str, scope: str, gen: int, profile: int
+) -> dict[str, Any]:
     settings = app.settings
     if not conditions.satisfies(context.conditions(settings.heartbeat_interval), profile):
-        req_keys = [app.keys.requests(scope), app.keys.leases, app.keys.due(profile)]
+        req_keys = [
+            app.keys.requests(scope),
+            app.keys.leases,
+            app.keys.due(profile),
+            app.keys.counts,
+        ]
         app.call("release", req_keys, [scope, identifier, gen], wake=True)
         return {"outcome": "released", "reason": "requirements no longer hold on this worker"}
     raw = _start(app, scope, identifier, gen)
@@ -94,15 +179,20 @@ def execute(
 
 def refuse(app: BackgroundApp, identifier: str, scope: str, gen: int, reason: str) -> bool:
     """Record a dispatched request as failed without running it (e.g. no handler here)."""
-    if _start(app, scope, identifier, gen) is None:
+    raw = _start(app, scope, identifier, gen)
+    if raw is None:
         return False
-    _finish(app, scope, gen, State.FAILED, False, reason)
+    if _finish(app, scope, gen, State.FAILED, False, reason):
+        metrics.count_run(app.app_id, json.loads(raw)["k"], State.FAILED, False)
+        with logs.request(app.app_id, scope, identifier, gen):
+            log.error("failed without running: %s", reason)
     return True
 
 
 def _start(app: BackgroundApp, scope: str, identifier: str, gen: int) -> Any:
     """start.lua: the running record's JSON, or None if the message is stale."""
-    script_keys = [app.keys.requests(scope), app.keys.leases, app.keys.running, app.keys.runleases]
+    k = app.keys
+    script_keys = [k.requests(scope), k.leases, k.running, k.runleases, k.counts]
     lease_ms = int(app.settings.heartbeat_timeout * 1000)
     return app.call("start", script_keys, [scope, identifier, gen, context.name, lease_ms])
 
@@ -128,7 +218,16 @@ class Run:
         self.gen = gen
         self.profile = profile
         self.outcome: tuple[str, bool] | None = None
+        self.reason = ""
         self._lock = threading.Lock()
+        # Stopping the body (_stop_body): whether it is inside the handler, holds off an
+        # interruption while recording its outcome, has one waiting, was sent one.
+        self._in_body = False
+        self._holding = 0
+        self._pending = False
+        self._stopped = False
+        self._interruptible = False
+        self._signal_lock = threading.Lock()
         self._returned = threading.Event()
         self._body_thread = threading.get_ident()
         task.on_completed = self._completed
@@ -154,7 +253,10 @@ class Run:
             if self.outcome is not None:
                 return False
             self.outcome = (str(state), success)
-        if not _finish(self.app, self.task.scope, self.gen, state, success, reason):
+            self.reason = reason
+        if _finish(self.app, self.task.scope, self.gen, state, success, reason):
+            metrics.count_run(self.app.app_id, self.kind, state, success)
+        else:  # counted by beat, which recorded it as lost
             log.warning(
                 "run %s of %s had been given up as lost; it ran twice",
                 self.gen,
@@ -163,16 +265,53 @@ class Run:
         return True
 
     def _completed(self, success: bool) -> None:
-        self.end(State.COMPLETED, success)
+        with self._uninterrupted():
+            self.end(State.COMPLETED, success)
+
+    @contextlib.contextmanager
+    def _uninterrupted(self) -> Iterator[None]:
+        """Hold off an interruption of the body while it records its outcome (a recording
+        cut in half would be lost); one that came meanwhile is raised right after."""
+        if threading.get_ident() != self._body_thread:
+            yield
+            return
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+        if self._pending and not self._holding:
+            self._pending = False
+            raise TaskTerminated
+
+    def _interrupted(self) -> None:
+        """INTERRUPT_SIGNAL's handler, in the body's thread."""
+        if not self._in_body:
+            return  # the body returned meanwhile
+        if self._holding:
+            self._pending = True
+            return
+        raise TaskTerminated
 
     def execute(self, handler: Any) -> dict[str, Any]:
         """Run the handler with a watchdog; returns the recorded outcome."""
         watchdog = threading.Thread(
-            target=self._watch, name=f"bgqueue-watchdog-{self.gen}", daemon=True
+            # In a copy of this thread's context, so its log lines name the request too.
+            target=contextvars.copy_context().run,
+            args=(self._watch,),
+            name=f"bgqueue-watchdog-{self.gen}",
+            daemon=True,
         )
+        self._interruptible = _interrupts.install()
+        _interrupts.run = self
         watchdog.start()
         try:
-            handler(self.task)
+            try:
+                self._in_body = True
+                handler(self.task)
+            finally:
+                with self._signal_lock:  # from now on no watchdog interrupts this thread
+                    self._in_body = False
         except TaskTerminated:
             pass
         except Exception as exc:  # the handler's failure is an outcome, not a worker crash
@@ -186,7 +325,12 @@ class Run:
             # Returning without set_task_completed is taken as done: nothing is left to wait for.
             self.end(State.COMPLETED, True, "handler returned without set_task_completed")
         state, success = self.outcome or ("completed", True)
-        return {"outcome": state, "success": success, "scope": self.task.scope}
+        summary: dict[str, Any] = {"outcome": state, "success": success, "scope": self.task.scope}
+        if self.reason:
+            summary["reason"] = self.reason
+        if self._stopped:  # the worker retires this pool process once the outcome is reported
+            summary["stopped"] = True
+        return summary
 
     # -- watchdog -------------------------------------------------------------
 
@@ -277,6 +421,7 @@ class Run:
         )
         with self._lock:
             self.outcome = (str(State.FAILED), False)  # already recorded by the sweep
+            self.reason = "given up as lost (its run lease lapsed); it will run again"
         self.delays.settle()
         self._stop_body()
 
@@ -287,6 +432,7 @@ class Run:
         if handler is None:
             self._terminate(State.COMPLETED, "no expiration handler set; ended unsuccessful")
             return
+        metrics.count_expiration(self.app.app_id, self.kind)
         try:
             handler()
         except Exception:
@@ -300,11 +446,35 @@ class Run:
         self._stop_body()
 
     def _stop_body(self) -> None:
+        """Stop a body that must not go on: raise TaskTerminated in it and give it
+        INTERRUPT_GRACE to return; kill its pool process if it does not (it swallowed the
+        exception, or is stuck in C code that does not look at signals)."""
         if self._returned.is_set():
             return
+        if self._interrupt():
+            if self._returned.wait(INTERRUPT_GRACE):
+                return
+            log.warning(
+                "%s (run %s) did not stop within %ss of being interrupted",
+                self.task.identifier,
+                self.gen,
+                INTERRUPT_GRACE,
+            )
         if context.pool_process:
             os.kill(os.getpid(), signal.SIGKILL)
         # Solo or thread pools share the process: interrupt the body's thread instead.
         ctypes.pythonapi.PyThreadState_SetAsyncExc(
             ctypes.c_ulong(self._body_thread), ctypes.py_object(TaskTerminated)
         )
+
+    def _interrupt(self) -> bool:
+        """Send the body's thread INTERRUPT_SIGNAL (once per run); False where it cannot be
+        sent: outside a pool process's main thread."""
+        if not self._interruptible:
+            return False
+        with self._signal_lock:
+            if self._in_body and not self._stopped:
+                self._stopped = True
+                _interrupts.sent = True
+                signal.pthread_kill(self._body_thread, INTERRUPT_SIGNAL)
+        return True

@@ -66,7 +66,7 @@ class Scheduler:
             return
         self._check_start_now(batch)
         app_keys = self.app.keys
-        script_keys = [*app_keys.due_all, app_keys.leases]
+        script_keys = [*app_keys.due_all, app_keys.leases, app_keys.counts]
         script_keys += [app_keys.requests(self.scope)] * len(batch)
         result = self.app.call("submit", script_keys, args, wake=True)
         if result[0] == b"ok":
@@ -122,6 +122,7 @@ class Scheduler:
             app_keys.leases,
             app_keys.requests(self.scope),
             app_keys.history(self.scope),
+            app_keys.counts,
         ]
         args = [self.scope, self.app.settings.history_limit, *identifiers]
         return int(self.app.call("cancel", script_keys, args))

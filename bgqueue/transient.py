@@ -87,6 +87,24 @@ def parse_info(raw: list[Any]) -> TransientTaskInfo:
     return TransientTaskInfo(int(raw[0]), sorted(delays, key=lambda d: d.request_id))
 
 
+DAY_MS = 86_400_000
+
+
+def quota_used(client: Any, k: AppKeys, now_ms: int) -> dict[str, int]:
+    """Ms of delay charged in the rolling 24 hours, by scope, for the scopes in the app's
+    index (the ledger's members end in their charge, `"<gen>:<ms>:<charged ms>"`). Reads
+    only: live reservations and runs lost unsettled are not charges yet."""
+    scopes = [raw.decode() for raw in client.zrange(k.transient_scopes, 0, -1)]
+    with client.pipeline(transaction=False) as pipe:
+        for scope in scopes:
+            pipe.zrangebyscore(k.transient_ledger(scope), f"({now_ms - DAY_MS}", "+inf")
+        ledgers = pipe.execute()
+    return {
+        scope: sum(int(entry.rpartition(b":")[2]) for entry in ledger)
+        for scope, ledger in zip(scopes, ledgers, strict=True)
+    }
+
+
 def _check_request_id(request_id: object) -> int:
     if isinstance(request_id, bool) or not isinstance(request_id, int):
         raise ParameterError(f"request_id must be an integer, got {type(request_id).__name__}")

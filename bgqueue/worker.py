@@ -13,13 +13,16 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
+from celery.worker.request import Request
 
 from bgqueue import conditions, continuous_runtime, runtime, work_runtime
 from bgqueue.celery_config import celery_config
+from bgqueue.errors import TaskExpired, TaskFailed, TaskOutcomeError, TaskUnsuccessful
 
 if TYPE_CHECKING:
     from bgqueue.app import BackgroundApp
@@ -44,15 +47,90 @@ def make_celery(app: BackgroundApp) -> Celery:
     return celery
 
 
+# A run that did not succeed ends its Celery task with one of these, raised after its outcome
+# is recorded in bgqueue's history, so Celery's events (and Flower) show it as FAILURE.
+OUTCOME_ERRORS: dict[str, type[TaskOutcomeError]] = {
+    "completed": TaskUnsuccessful,
+    "failed": TaskFailed,
+    "expired": TaskExpired,
+}
+
+
 def add_celery_task(app: BackgroundApp, identifier: str, celery: Celery | None = None) -> None:
     """Register the Celery task that runs `identifier`'s launch handler."""
     target = celery if celery is not None else app.celery
 
-    def run(scope: str, gen: int, profile: int) -> dict[str, Any]:
-        return runtime.execute(app, identifier, scope, gen, profile)
+    def run(task: Any, scope: str, gen: int, profile: int) -> dict[str, Any]:
+        began = time.monotonic()
+        summary = runtime.execute(app, identifier, scope, gen, profile)
+        seconds = time.monotonic() - began
+        if summary.get("outcome") == "stale" and task.request.delivery_info.get("redelivered"):
+            # Delivered again because its pool process was killed (a body that ignored its
+            # interruption): report how that run ended, not a skipped duplicate.
+            summary, seconds = recorded_outcome(app, identifier, scope, gen) or (summary, seconds)
+        error = outcome_error(gen, summary, seconds)
+        if error is not None:
+            raise error
+        return summary  # completed successfully, or not run (stale or released)
 
     run.__doc__ = f"Launch handler of {identifier}"
-    target.task(name=identifier, acks_late=True, ignore_result=True)(run)
+    target.task(
+        name=identifier,
+        bind=True,
+        acks_late=True,
+        # A raised outcome is acknowledged like a success: never delivered again.
+        acks_on_failure_or_timeout=True,
+        ignore_result=True,
+        # Expected: logged in one line, without a traceback.
+        throws=tuple(OUTCOME_ERRORS.values()),
+        Request=RunRequest,
+    )(run)
+
+
+def outcome_error(gen: int, summary: dict[str, Any], seconds: float) -> TaskOutcomeError | None:
+    """The exception that reports a run's outcome to Celery, or None for a success. Its
+    message says what happened, in which scope and how long it took (Celery's task-failed
+    event has no runtime)."""
+    outcome = summary.get("outcome", "")
+    if outcome not in OUTCOME_ERRORS or (outcome == "completed" and summary.get("success")):
+        return None
+    reason = summary.get("reason") or "set_task_completed(success=False)"
+    where = f"scope {summary.get('scope')}, run {gen}, {seconds:.2f} s"
+    error = OUTCOME_ERRORS[outcome](f"{reason} ({where})")
+    error.body_stopped = bool(summary.get("stopped"))
+    return error
+
+
+def recorded_outcome(
+    app: BackgroundApp, identifier: str, scope: str, gen: int
+) -> tuple[dict[str, Any], float] | None:
+    """Run `gen`'s outcome and duration from the scope's recent history, if it is there."""
+    for record in app.scheduler_for(scope).history(limit=100):
+        if (record.request_id, record.identifier) == (gen, identifier):
+            took = 0.0
+            if record.started_at and record.finished_at:
+                took = (record.finished_at - record.started_at).total_seconds()
+            outcome = {"outcome": record.state, "success": record.success, "scope": scope}
+            return {**outcome, "reason": record.reason}, took
+    return None
+
+
+class RunRequest(Request):  # type: ignore[misc]
+    """A run's message in the worker's main process. A run whose body had to be stopped
+    reports its outcome first; then its pool process is retired and replaced
+    (runtime.INTERRUPT_SIGNAL), from here, before the pool can hand that process another
+    message. (A body stopped after it completed successfully keeps its process.)"""
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        try:
+            super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        finally:
+            exc = getattr(exc_info, "exception", None)
+            exc = getattr(exc, "exc", exc)  # billiard's ExceptionWithTraceback wraps it
+            if isinstance(exc, TaskOutcomeError) and exc.body_stopped:
+                runtime.retire_pool_process(self.worker_pid)
 
 
 def _for(celery: Celery, hook: Callable[..., None]) -> Callable[..., None]:
@@ -89,9 +167,17 @@ class Heartbeat:
         def pool_process_init(**_: Any) -> None:
             runtime.context.pool_process = True
 
+        def shutting_down(sender: Any = None, **_: Any) -> None:
+            # A warm shutdown (SIGTERM) stops consuming at once and lets running tasks end
+            # within their budgets: leave now, so beat no longer counts on this worker.
+            # Sent from a signal handler: Redis is reached from a thread, never in here.
+            if sender == heartbeat.nodename:
+                threading.Thread(target=heartbeat.stop, name="bgqueue-leave").start()
+
         # weak=False: the closures would otherwise be collected at once.
         signals.celeryd_after_setup.connect(after_setup, weak=False)
         signals.worker_process_init.connect(pool_process_init, weak=False)
+        signals.worker_shutting_down.connect(shutting_down, weak=False)
         hooks: list[tuple[Any, Callable[..., None]]] = [
             (signals.worker_ready, lambda **_: heartbeat.start()),
             (signals.worker_shutdown, lambda **_: heartbeat.stop()),
@@ -163,6 +249,9 @@ class Heartbeat:
     def stop(self) -> None:
         """Stop heartbeating and leave, so beat stops counting on this worker at once."""
         self.stopped.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            # A heartbeat being sent now would announce the worker again after it left.
+            self.thread.join(self.app.settings.heartbeat_timeout)
         try:
             self.app.call(
                 "heartbeat",

@@ -204,5 +204,6 @@ def sample_app(redis_url: str) -> bg.BackgroundApp:
     from tests.apps import sample
 
     sample.app._client = None  # a previous test's connection points at the same server: drop it
+    sample.app._announced = False  # and the server was emptied since it made itself known
     sample.app.use_broker(redis_url)
     return sample.app

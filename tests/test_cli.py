@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
@@ -148,6 +150,9 @@ def test_simulate_launch_expire_and_status_against_a_live_worker(
     assert f"app {APP_ID}" in report
     assert "pending: 1 (due now: 0, not yet due: 1)" in report
     assert "running: 0" in report
+    # The sample app uses none of the HarmonyOS parts: each section says so in one line.
+    for section in ("continuous tasks", "transient delays", "efficiency resources", "works"):
+        assert f"\n  {section}: none" in report
 
     out = ok(cli(redis_url, "simulate", "--app", SAMPLE_APP, "launch", slow))
     assert out.strip() == f"launching {slow}"
@@ -167,6 +172,168 @@ def test_simulate_launch_expire_and_status_against_a_live_worker(
     # Nothing is running now, so there is nothing to expire: an error, not a silent no-op.
     failed = cli(redis_url, "simulate", "--app", SAMPLE_APP, "expire", slow)
     assert failed.returncode != 0 and failed.stderr.startswith("error: no running task")
+
+
+def test_status_shows_continuous_tasks_transient_delays_efficiency_grants_and_works(
+    cluster: Cluster, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """With a continuous task running, a request holding a transient delay in scope "lab",
+    two efficiency grants and a work that has run, `status` shows each in its section: the
+    task's modes, worker and progress; the scope's quota left (the app's 50 s, from its
+    worker's heartbeat, less the 18 s the delay reserves) and the delay's time left; each
+    grant's level, reason and time left or persistence; the work's conditions, next run and
+    last run."""
+    from tests.apps import status_app
+
+    app_keys = keys.AppKeys(status_app.APP_ID)
+    conditions = ["external_power=true", "network=ethernet"]
+    cluster.worker(
+        "st-w",
+        conditions=conditions,
+        concurrency=3,
+        continuous=True,
+        app="tests.apps.status_app:app",
+        app_id=status_app.APP_ID,
+    )
+    cluster.beat()
+    app = status_app.producer(redis_url)
+    app.start_background_running("download", [bg.BackgroundMode.DATA_TRANSFER])
+    app.scheduler_for("lab").submit(bg.ProcessingTaskRequest(status_app.HOLD))
+    cpu = bg.EfficiencyResourcesRequest(
+        resource_types=bg.ResourceType.CPU, is_apply=True, time_out=60_000, reason="status test"
+    )
+    timer = bg.EfficiencyResourcesRequest(
+        resource_types=bg.ResourceType.TIMER,
+        is_apply=True,
+        time_out=0,
+        reason="short cycles",
+        is_persist=True,
+    )
+    app.apply_efficiency_resources(cpu)
+    app.apply_efficiency_resources(timer)
+    app.start_work(
+        bg.WorkInfo(
+            work_id=7,
+            ability_name="sync",
+            network_type=bg.NetworkType.ANY,
+            is_charging=True,
+            is_repeat=True,
+            repeat_cycle_time=60_000,
+        )
+    )
+    wait_for(
+        lambda: [t for t in app.all_continuous_tasks() if t.state == "running" and t.progress],
+        20,
+        "the continuous task to run and report progress",
+    )
+    wait_for(lambda: app.transient_task_info("lab").transient_tasks, 20, "the transient delay")
+    wait_for(lambda: redis_client.hexists(app_keys.work_last, "7"), 20, "the work's first run")
+
+    lines = ok(cli(redis_url, "status")).splitlines()
+    start = lines.index(f"app {status_app.APP_ID}")
+    section = lines[start + 1 :]
+
+    def after(title: str) -> str:
+        """The line after a section's title line."""
+        index = next(i for i, line in enumerate(section) if line.startswith(title))
+        return section[index + 1]
+
+    assert "  continuous tasks: 1" in section
+    task = after("  continuous tasks:")
+    assert task.startswith("    download #") and "  DATA_TRANSFER  running on st-w (pid " in task
+    assert "restarts 0  progress " in task and task.endswith("/1000")
+
+    assert "  transient delays (daily quota 50 s per scope, as its workers report):" in section
+    delay = after("  transient delays")
+    prefix = '    [lab] quota left 32.0 s; delay #1 "hold for status" '
+    assert delay.startswith(prefix) and delay.endswith(" s left"), delay
+    assert 0 < float(delay[len(prefix) :].split()[0]) <= 20
+
+    assert "  efficiency resources: 2" in section
+    grant = after("  efficiency resources:")
+    assert grant.startswith('    CPU (app level)  "status test"  ') and grant.endswith(" s left")
+    assert 50 < float(grant.split()[-3]) <= 60
+    assert section[section.index(grant) + 1] == '    TIMER (app level)  "short cycles"  persistent'
+
+    assert "  works: 1" in section
+    work = after("  works:")
+    assert work.startswith("    #7 sync  network ANY + charging, every 60.0 s  "), work
+    assert "  waiting, next run in " in work
+    assert "  last run 1 on st-w took " in work and work.endswith(", in time")
+
+    redis_client.set(status_app.GATE, 1)  # let the held request finish
+
+
+def home_processes(home: Path) -> list[int]:
+    """Pids of live processes started with BGQUEUE_HOME=home (the demo and its children)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("BGQUEUE_HOME") == str(
+                home
+            ):
+                found.append(proc.pid)
+    return found
+
+
+DEMO_NARRATES = {
+    # what: a line the demo must print, as a regular expression
+    "a deferred request": r"submit \[default\] cleanup, needs power, not before \+4 s: deferred",
+    "it routed and completed": r"\] com\.example\.news\.cleanup \(processing\) completed ✓ "
+    r"on mains-worker",
+    "an expired request": r"\] com\.example\.news\.export\.pdf \(processing\) EXPIRED",
+    "a transient delay granted": r"transient: \[kiosk-7\] suspend delay #\d+ granted \(\d+\.\d s "
+    r'left, "finish the daily digest"\): .* quota left 11\d\.\d s',
+    "the CPU grant": r"efficiency: CPU granted for 30\.0 s",
+    "the continuous task running": r"continuous download: running on mains-worker "
+    r"\(DATA_TRANSFER\)",
+    "the continuous task stopped": r"continuous download: stopped \(its handler returned\)",
+    "a first work run": r"work #1 \(sync\) run 1 on mains-worker took .*, in time",
+    "a second work run": r"work #1 \(sync\) run 2 on mains-worker took .*, in time",
+}
+
+
+def test_demo_narrates_all_four_harmony_parts_and_stops_its_processes(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """`bgqueue demo` on the test broker narrates a deferred, routed and completed request,
+    an expired one, a transient delay with the quota left, the continuous download running
+    then stopped, the CPU grant and repeated work runs; on SIGTERM it stops every process it
+    started (none is left with its BGQUEUE_HOME)."""
+    home = tmp_path / "home"
+    env = {**os.environ, **FAST, "BGQUEUE_BROKER_URL": redis_url, "BGQUEUE_HOME": str(home)}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    output = tmp_path / "demo.out"
+    port = str(free_port())
+    with open(output, "wb") as out:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "bgqueue", "demo", "--flower-port", port],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def missing() -> list[str]:
+        text = output.read_text(errors="replace")
+        return [what for what, line in DEMO_NARRATES.items() if not re.search(line, text)]
+
+    try:
+        wait_for(lambda: not missing() or demo.poll() is not None, 60, "the demo's narration")
+        assert demo.poll() is None and not missing(), output.read_text()
+        # Beat, two workers (with their pool processes) and Flower, besides the demo itself.
+        assert len(set(home_processes(home)) - {demo.pid}) >= 4
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(30) == 0, output.read_text()
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait(10)
+    text = output.read_text()
+    assert "Traceback" not in text
+    assert text.splitlines()[-1].endswith("] stopped beat, workers and Flower")
+    wait_for(lambda: not home_processes(home), 10, "every process of the demo to end")
 
 
 # --- errors --------------------------------------------------------------------------

@@ -353,7 +353,7 @@ def test_claim_never_published_is_published_again_and_runs_once(
     sample_app.scheduler.submit_many(processing(i, {"complete": True}) for i in identifiers)
     members = [keys.member("default", i) for i in identifiers]
     # Exactly what Beat._claim_and_publish does, minus the publish.
-    script_keys = [APP_KEYS.due(0), APP_KEYS.leases, APP_KEYS.seq]
+    script_keys = [APP_KEYS.due(0), APP_KEYS.leases, APP_KEYS.seq, APP_KEYS.counts]
     script_keys += [APP_KEYS.requests("default") for _ in members]
     raw = Scripts(redis_client).claim(keys=script_keys, args=[CLAIM_LEASE_MS, *members])
     claimed = {raw[i].decode(): int(raw[i + 1]) for i in range(0, len(raw), 3)}

@@ -6,6 +6,7 @@
 -- KEYS[17]     leases
 -- KEYS[18]     req:<scope>
 -- KEYS[19]     history:<scope>
+-- KEYS[20]     counts: "<kind>:<profile>" pending, "<kind>:dispatched" (keys.py)
 -- ARGV[1]      scope
 -- ARGV[2]      history length cap
 -- ARGV[3..]    identifiers to cancel; none means every request of the scope
@@ -33,6 +34,8 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', KEYS[rec['r'] + 1], m)
     redis.call('ZREM', KEYS[17], m)
     redis.call('HDEL', key, id)
+    local was = rec['s'] == 'pending' and rec['r'] or 'dispatched'
+    redis.call('HINCRBY', KEYS[20], rec['k'] .. ':' .. was, -1)
     local class = rec['k'] == 'refresh' and '#refresh' or '#processing'
     redis.call('HINCRBY', key, class, -1)
     redis.call('LPUSH', KEYS[19], cjson.encode({

@@ -8,6 +8,7 @@
 -- KEYS[4]  req:<scope>
 -- KEYS[5]  due:<profile> of the request
 -- KEYS[6]  expire
+-- KEYS[7]  counts: "<kind>:<profile>" pending (keys.py)
 -- ARGV[1]  generation
 -- ARGV[2]  history length cap
 -- ARGV[3]  maximum attempts
@@ -34,8 +35,9 @@ if attempts >= tonumber(ARGV[3]) or redis.call('HEXISTS', KEYS[4], id) == 1 then
   return 2
 end
 for _, field in ipairs({'g', 'sc', 'i', 'w', 'sa'}) do rec[field] = nil end
-rec['s'], rec['a'] = 'pending', attempts
+rec['s'], rec['a'], rec['t'] = 'pending', attempts, now  -- t: pending again since now
 redis.call('HSET', KEYS[4], id, cjson.encode(rec))
 redis.call('HINCRBY', KEYS[4], rec['k'] == 'refresh' and '#refresh' or '#processing', 1)
 redis.call('ZADD', KEYS[5], rec['e'], scope .. '\31' .. id)
+redis.call('HINCRBY', KEYS[7], rec['k'] .. ':' .. rec['r'], 1)
 return 1

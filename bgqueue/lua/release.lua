@@ -4,6 +4,7 @@
 -- KEYS[1]  req:<scope>
 -- KEYS[2]  leases
 -- KEYS[3]  due:<profile> of the request
+-- KEYS[4]  counts: "<kind>:<profile>" pending, "<kind>:dispatched" (keys.py)
 -- ARGV[1]  scope
 -- ARGV[2]  identifier
 -- ARGV[3]  generation from the message
@@ -15,8 +16,12 @@ if not raw then return 0 end
 local rec = cjson.decode(raw)
 if rec['s'] ~= 'dispatched' or tostring(rec['g']) ~= gen then return 0 end
 local m = ARGV[1] .. '\31' .. id
-rec['s'], rec['g'] = 'pending', nil
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+rec['s'], rec['g'], rec['t'] = 'pending', nil, now  -- t: pending again since now
 redis.call('HSET', KEYS[1], id, cjson.encode(rec))
 redis.call('ZREM', KEYS[2], m)
 redis.call('ZADD', KEYS[3], rec['e'], m)
+redis.call('HINCRBY', KEYS[4], rec['k'] .. ':dispatched', -1)
+redis.call('HINCRBY', KEYS[4], rec['k'] .. ':' .. rec['r'], 1)
 return 1

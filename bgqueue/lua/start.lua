@@ -6,6 +6,7 @@
 -- KEYS[2]  leases
 -- KEYS[3]  running
 -- KEYS[4]  runleases
+-- KEYS[5]  counts: "<kind>:dispatched" (keys.py)
 -- ARGV[1]  scope
 -- ARGV[2]  identifier
 -- ARGV[3]  generation from the message
@@ -24,6 +25,7 @@ if rec['s'] ~= 'dispatched' or tostring(rec['g']) ~= gen then return false end
 redis.call('HDEL', KEYS[1], id)
 redis.call('HINCRBY', KEYS[1], rec['k'] == 'refresh' and '#refresh' or '#processing', -1)
 redis.call('ZREM', KEYS[2], scope .. '\31' .. id)
+redis.call('HINCRBY', KEYS[5], rec['k'] .. ':dispatched', -1)
 rec['s'], rec['sc'], rec['i'], rec['w'], rec['sa'] = 'running', scope, id, ARGV[4], now
 raw = cjson.encode(rec)
 redis.call('HSET', KEYS[3], gen, raw)
