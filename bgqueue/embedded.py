@@ -25,7 +25,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from bgqueue.errors import ServiceError
+from bgqueue.errors import ParameterError, ServiceError
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 5.0  # seconds; replaying a large AOF can take a while, a hung start must not
@@ -99,6 +99,8 @@ class RedisServer:
     password: str | None = None
     appendfsync: str = "everysec"  # "always" for tests that SIGKILL Redis and count losses
     unix_socket: bool = False
+    # More addresses to listen on besides loopback (e.g. a test host's veth); needs a password.
+    extra_bind: tuple[str, ...] = ()
     binary: str = field(default_factory=redis_server_binary)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -126,7 +128,8 @@ class RedisServer:
         """The redis.conf text; secrets go here rather than on the command line, seen by ps."""
         lines = [
             f"port {self.port}",
-            f"bind {HOST}",  # loopback only: the embedded server has no password
+            # Loopback only unless told: the embedded server has no password.
+            f"bind {' '.join((HOST, *self.extra_bind))}",
             "protected-mode yes",
             f"dir {_quote(str(self.directory))}",
             "appendonly yes",  # accepted requests must survive a crash or restart
@@ -144,6 +147,8 @@ class RedisServer:
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start the server and return once it answers PING; ServiceError if it cannot."""
+        if self.extra_bind and not self.password:
+            raise ParameterError("a Redis listening beyond loopback needs a password")
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.port == 0:
             self.port = free_port()

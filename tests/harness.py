@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,12 +66,14 @@ def events(
 class Proc:
     """A bgqueue process started by a test, with its output in a log file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log_path: Path, prefix: Sequence[str] = ()
+    ) -> None:
         self.args = args
         self.log_path = log_path
         with open(log_path, "ab") as log:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "bgqueue", *args],
+                [*prefix, sys.executable, "-m", "bgqueue", *args],
                 cwd=REPO,
                 env=env,
                 stdout=log,
@@ -125,8 +127,16 @@ class Cluster:
         self.procs: list[Proc] = []
         self.client = redis.Redis.from_url(redis_url)
 
-    def start(self, args: list[str], name: str, env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(args, {**self.env, **(env or {})}, self.tmp_path / f"{name}.log")
+    def start(
+        self,
+        args: list[str],
+        name: str,
+        env: dict[str, str] | None = None,
+        netns: str | None = None,
+    ) -> Proc:
+        """Start `bgqueue ARGS`, on this machine or inside a test host's network namespace."""
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        proc = Proc(args, {**self.env, **(env or {})}, self.tmp_path / f"{name}.log", prefix)
         self.procs.append(proc)
         return proc
 
@@ -140,6 +150,7 @@ class Cluster:
         continuous: bool = False,
         app: str = SAMPLE_APP,
         app_id: str = APP_ID,
+        netns: str | None = None,
     ) -> Proc:
         """Start `bgqueue worker` (on the sample app unless told) and wait until its
         heartbeat is live."""
@@ -148,7 +159,7 @@ class Cluster:
             args.append("--continuous")
         for condition in conditions:
             args += ["--condition", condition]
-        proc = self.start(args, name, env)
+        proc = self.start(args, name, env, netns)
         if wait:
             wait_for(
                 lambda: self.worker_alive(name, app_id) or self._died(proc), 30, f"worker {name}"
