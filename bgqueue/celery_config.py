@@ -11,7 +11,8 @@ def celery_config(broker_url: str) -> dict[str, Any]:
     """Celery settings for workers, beat's publisher and Flower on this broker."""
     config: dict[str, Any] = {
         "broker_url": broker_url,
-        # JSON only: a pickle message on a shared broker is remote code execution.
+        # JSON only: accepting Python object serialization from a shared broker is remote
+        # code execution.
         "task_serializer": "json",
         "result_serializer": "json",
         "event_serializer": "json",
