@@ -218,3 +218,22 @@ def sample_app(redis_url: str) -> bg.BackgroundApp:
     sample.app._announced = False  # and the server was emptied since it made itself known
     sample.app.use_broker(redis_url)
     return sample.app
+
+
+def run_everywhere(
+    app: bg.BackgroundApp, client: redis.Redis, scopes: list[str], identifiers: list[str]
+) -> list[dict[str, Any]]:
+    """Submit a short processing request per scope and identifier, wait until every one has
+    ended, and return the start events (to count runs per request and per worker)."""
+    for scope in scopes:
+        app.scheduler_for(scope).submit_many(
+            bg.ProcessingTaskRequest(i, payload={"sleep": 0.05, "complete": True})
+            for i in identifiers
+        )
+    expected = {(s, i) for s in scopes for i in identifiers}
+    wait_for(
+        lambda: {(e["scope"], e["id"]) for e in events(client, "end")} == expected,
+        90,
+        f"all {len(expected)} requests to complete",
+    )
+    return events(client, "start")

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-import bgqueue as bg
 from bgqueue.embedded import RedisServer
 from tests.apps import sample
-from tests.harness import Cluster, events, wait_for
+from tests.harness import Cluster, run_everywhere
 
 PASSWORD = "hosts-test-pw"
 IDENTIFIERS = [f"com.bgqueue.test.{n}" for n in ("a", "b", "c", "process")]
@@ -74,18 +73,7 @@ def test_workers_on_separate_hosts_share_the_work_and_run_it_once(
         sample.app._announced = False
         sample.app.use_broker(server.url)
         scopes = [f"s{i:02d}" for i in range(20)]
-        for scope in scopes:
-            sample.app.scheduler_for(scope).submit_many(
-                bg.ProcessingTaskRequest(i, payload={"sleep": 0.05, "complete": True})
-                for i in IDENTIFIERS
-            )
-        expected = {(s, i) for s in scopes for i in IDENTIFIERS}
-        wait_for(
-            lambda: {(e["scope"], e["id"]) for e in events(client, "end")} == expected,
-            90,
-            "all 80 requests to complete",
-        )
-        starts = events(client, "start")
+        starts = run_everywhere(sample.app, client, scopes, IDENTIFIERS)
         assert set(Counter((e["scope"], e["id"]) for e in starts).values()) == {1}
         per_host = Counter(e["worker"] for e in starts)
         print(f"\nruns per host: {dict(sorted(per_host.items()))}")

@@ -8,7 +8,7 @@ from collections import Counter
 import redis
 
 import bgqueue as bg
-from tests.harness import Cluster, events, wait_for
+from tests.harness import Cluster, run_everywhere
 
 IDENTIFIERS = [f"com.bgqueue.test.{n}" for n in ("a", "b", "c", "process")]
 
@@ -23,18 +23,7 @@ def test_work_spreads_over_workers_and_runs_once(
         cluster.worker(name, concurrency=1)
     cluster.beat()
     scopes = [f"s{i:02d}" for i in range(30)]
-    for scope in scopes:
-        sample_app.scheduler_for(scope).submit_many(
-            bg.ProcessingTaskRequest(i, payload={"sleep": 0.05, "complete": True})
-            for i in IDENTIFIERS
-        )
-    expected = {(s, i) for s in scopes for i in IDENTIFIERS}
-    wait_for(
-        lambda: {(e["scope"], e["id"]) for e in events(redis_client, "end")} == expected,
-        90,
-        "all 120 requests to complete",
-    )
-    starts = events(redis_client, "start")
+    starts = run_everywhere(sample_app, redis_client, scopes, IDENTIFIERS)
     per_request = Counter((e["scope"], e["id"]) for e in starts)
     assert set(per_request.values()) == {1}, per_request.most_common(3)
     per_worker = Counter(e["worker"] for e in starts)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 import time
 
 import bgqueue as bg
@@ -51,22 +52,22 @@ def refresh(task: bg.AppRefreshTask) -> None:
     task.set_task_completed(success=True)
 
 
+def expiry_event(task: bg.BGTask) -> threading.Event:
+    """An event the task's expiration handler sets: work checks it to stop in time."""
+    expiring = threading.Event()
+    task.expiration_handler = expiring.set
+    return expiring
+
+
+def work_until(task: bg.BGTask, expiring: threading.Event, seconds: float) -> None:
+    """Work for `seconds`; completed unsuccessfully if told to expire before then."""
+    task.set_task_completed(success=not expiring.wait(seconds))
+
+
 @app.register("com.example.news.cleanup")
 def cleanup(task: bg.ProcessingTask) -> None:
     """Prune old articles: minutes of work on a real server, a few seconds here."""
-    stop = False
-
-    def expire() -> None:
-        nonlocal stop
-        stop = True
-
-    task.expiration_handler = expire
-    for _ in range(int(task.payload.get("seconds", 2) * 10)):
-        if stop:
-            task.set_task_completed(success=False)
-            return
-        time.sleep(0.1)
-    task.set_task_completed(success=True)
+    work_until(task, expiry_event(task), float(task.payload.get("seconds", 2)))
 
 
 @app.register("com.example.news.export.pdf")
@@ -99,23 +100,12 @@ def digest(task: bg.ProcessingTask) -> None:
     """The daily digest needs 10 s, 2 s past its 8 s budget. Halfway through it asks for a
     transient suspend delay (HarmonyOS requestSuspendDelay): up to 10 s more, paid from the
     scope's daily quota for only the time it actually runs past its budget."""
-    stop = False
-
-    def expire() -> None:
-        nonlocal stop
-        stop = True
-
-    task.expiration_handler = expire
+    expiring = expiry_event(task)
     time.sleep(4)
     # Refused when the quota is used up (or 3 delays are live): finish what fits the budget.
     with contextlib.suppress(bg.TransientTaskVerificationFailed):
-        task.request_suspend_delay("finish the daily digest", expire)
-    for _ in range(60):
-        if stop:
-            task.set_task_completed(success=False)
-            return
-        time.sleep(0.1)
-    task.set_task_completed(success=True)
+        task.request_suspend_delay("finish the daily digest", expiring.set)
+    work_until(task, expiring, 6)
 
 
 @app.continuous("download")
