@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck clean
+.PHONY: demo test bench bench-quick chaos lint typecheck clean
 
 $(BIN)/bgqueue: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,27 @@ demo: $(BIN)/bgqueue
 	$(BIN)/bgqueue demo
 
 test: $(BIN)/bgqueue
-	$(BIN)/ruff check bgqueue tests
+	$(BIN)/ruff check bgqueue tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
+# Figures against Celery, Dramatiq and RQ on one Redis started for the run (docs/performance.md).
+$(BIN)/dramatiq: pyproject.toml $(BIN)/bgqueue
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: $(BIN)/dramatiq
+	$(BIN)/python bench/run.py
+
+bench-quick: $(BIN)/dramatiq
+	$(BIN)/python bench/run.py --quick
+
+# The fault scenarios too long for `make test`.
+chaos: $(BIN)/bgqueue
+	$(BIN)/pytest -q -m chaos tests/faults
+
 lint: $(BIN)/bgqueue
-	$(BIN)/ruff check bgqueue tests
+	$(BIN)/ruff check bgqueue tests bench
 	$(BIN)/ruff format --check bgqueue tests
 
 typecheck: $(BIN)/bgqueue

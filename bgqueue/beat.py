@@ -17,13 +17,14 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from celery import Celery
 
-from bgqueue import continuous, efficiency, keys, logs, works
+from bgqueue import continuous, deadletter, efficiency, keys, logs, works
 from bgqueue.broker import connect
 from bgqueue.celery_config import celery_config
 from bgqueue.conditions import profiles
@@ -39,6 +40,9 @@ log = logging.getLogger("bgqueue.beat")
 EXTENSIONS: tuple[Any, ...] = (continuous, works, efficiency)
 
 MAX_SLEEP = 5.0  # stays under the client's socket timeout while blocked in BLPOP
+
+# Errors of decoding data that is not bgqueue's (json's errors are ValueErrors).
+DATA_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError)
 
 
 @dataclass
@@ -141,11 +145,28 @@ class Beat:
         """Dispatch everything due and runnable; seconds until the next due request."""
         next_due = float("inf")
         for app in self.apps():
-            live = self.live_workers(app)
-            next_due = min(next_due, self._dispatch_app(app, live))
-            for extension in EXTENSIONS:
-                next_due = min(next_due, extension.dispatch(self, app, live))
+            with self.isolated(app, "dispatch"):
+                live = self.live_workers(app)
+                next_due = min(next_due, self._dispatch_app(app, live))
+                for extension in EXTENSIONS:
+                    next_due = min(next_due, extension.dispatch(self, app, live))
         return next_due
+
+    @contextlib.contextmanager
+    def isolated(self, app: keys.AppKeys, step: str) -> Iterator[None]:
+        """Keep one app's unreadable data from stopping beat for every app: a key of the
+        wrong type is moved into the app's dead letter (bgqueue.deadletter), and any other
+        data error is logged; the app is tried again on the next round. Connection errors
+        go on up (the lease loop retries them)."""
+        try:
+            yield
+        except redis.ResponseError as exc:
+            moved = deadletter.quarantine(self.client, app)
+            log.error("%s of %s failed: %s; moved aside: %s", step, app.app_id, exc, moved)
+        except DATA_ERRORS as exc:
+            log.error(
+                "%s of %s met unreadable data: %s: %s", step, app.app_id, type(exc).__name__, exc
+            )
 
     def live_workers(self, app: keys.AppKeys) -> dict[str, dict[str, Any]]:
         """Heartbeats of the app's live workers, by name (judged on the server's clock)."""
@@ -165,19 +186,24 @@ class Beat:
             self.metrics.note_capable(app.app_id, eligible, self.server_ms())
         batch = self.settings.claim_batch
         while eligible:
+            # Per profile, what is due now (up to a batch) and the first one not yet due:
+            # a million waiting requests cost nothing to look past.
+            now = self.server_ms()
             with self.client.pipeline(transaction=False) as pipe:
                 for profile in eligible:
-                    pipe.zrange(app.due(profile), 0, batch - 1, withscores=True)
+                    pipe.zrangebyscore(app.due(profile), "-inf", now, start=0, num=batch)
+                    pipe.zrangebyscore(
+                        app.due(profile), f"({now}", "+inf", start=0, num=1, withscores=True
+                    )
                 heads = pipe.execute()
-            now = self.server_ms()
             next_due = float("inf")
             full: list[int] = []
-            for profile, head in zip(eligible, heads, strict=True):
-                due = [m.decode() for m, score in head if score <= now]
-                if len(due) < len(head):
-                    next_due = min(next_due, (head[len(due)][1] - now) / 1000)
+            for i, profile in enumerate(eligible):
+                due, later = heads[2 * i], heads[2 * i + 1]
+                if later:
+                    next_due = min(next_due, (later[0][1] - now) / 1000)
                 if due:
-                    self._claim_and_publish(app, profile, due)
+                    self._claim_and_publish(app, profile, [m.decode() for m in due])
                 if len(due) == batch:
                     full.append(profile)
             if not full:
@@ -188,6 +214,7 @@ class Beat:
     def _claim_and_publish(self, app: keys.AppKeys, profile: int, members: list[str]) -> None:
         script_keys = [app.due(profile), app.leases, app.seq, app.counts]
         script_keys += [app.requests(keys.split_member(m)[0]) for m in members]
+        script_keys.append(app.deadletter)
         claim_ms = int(self.settings.claim_lease * 1000)
         claimed = _claimed(self.scripts.claim(keys=script_keys, args=[claim_ms, *members]))
         if self.metrics is not None:
@@ -203,7 +230,8 @@ class Beat:
         if not claimed:
             return
         priority = efficiency.lane(self.client, app)
-        with self.celery.producer_or_acquire() as producer:
+        # One pipelined round trip for the batch (kombu's publish batch), not one per message.
+        with self.celery.producer_or_acquire() as producer, producer.batch():
             for item in claimed:
                 scope, identifier = keys.split_member(item.member)
                 self.celery.send_task(
@@ -223,12 +251,13 @@ class Beat:
         """Publish again what was claimed but not delivered; requeue runs whose lease lapsed."""
         seen = []
         for app in self.apps():
-            self._sweep_dispatches(app)
-            self._sweep_runs(app)
-            live = self.live_workers(app)
-            for extension in EXTENSIONS:
-                extension.sweep(self, app, live)
-            seen.append((app, live))
+            with self.isolated(app, "sweep"):
+                self._sweep_dispatches(app)
+                self._sweep_runs(app)
+                live = self.live_workers(app)
+                for extension in EXTENSIONS:
+                    extension.sweep(self, app, live)
+                seen.append((app, live))
         if self.metrics is not None:  # the gauges are refreshed here, not on every dispatch
             self.metrics.refresh(self, seen)
 
@@ -239,6 +268,7 @@ class Beat:
             return
         members = [m.decode() for m in lapsed]
         script_keys = [app.leases] + [app.requests(keys.split_member(m)[0]) for m in members]
+        script_keys.append(app.deadletter)
         lease_ms = int(self.settings.dispatch_lease * 1000)
         lapsed_claims = _claimed(self.scripts.lapsed(keys=script_keys, args=[lease_ms, *members]))
         # A message still queued behind others is not lost, only waiting: its lease was

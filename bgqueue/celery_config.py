@@ -26,9 +26,11 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         # One message per free process: nothing waits in a busy worker's memory.
         "worker_prefetch_multiplier": 1,
-        # Events on, so Flower sees every task.
+        # Events on, so Flower sees every task from its receipt by a worker. Beat sends no
+        # task-sent events: one more round trip per dispatch, for a state bgqueue's own
+        # records already show (dispatched).
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": False,
         # Keep running tasks when the broker connection drops; their state is in Redis.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
 
-from bgqueue import runtime
+from bgqueue import deadletter, runtime
 from bgqueue.continuous import CELERY_TASK, ContinuousTask, ContinuousTaskCancelReason
 from bgqueue.modes import BackgroundMode
 
@@ -31,16 +31,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bgqueue.continuous")
 
+# The arguments of a continuous task's message, as beat sends them (keywords only).
+ARGUMENTS: dict[str, deadletter.Check] = {
+    "ability": deadletter.is_name,
+    "gen": deadletter.is_count,
+}
+
 
 def add_celery_task(app: BackgroundApp, celery: Celery) -> None:
     """Register the Celery task that runs continuous handlers, and the handover of a
     worker's continuous tasks when it shuts down."""
 
-    def run(ability: str, gen: int) -> dict[str, Any]:
-        return execute(app, ability, gen)
+    def run(task: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        wrong = deadletter.message_kwargs(args, kwargs, ARGUMENTS)
+        if wrong is not None:  # not a message beat sent
+            return deadletter.refuse_task_message(app, task, wrong)
+        return execute(app, kwargs["ability"], kwargs["gen"])
 
     run.__doc__ = "Runs the continuous handler of an ability"
-    celery.task(name=CELERY_TASK, acks_late=True, ignore_result=True)(run)
+    celery.task(name=CELERY_TASK, bind=True, acks_late=True, ignore_result=True)(run)
 
     def shutting_down(**_: Any) -> None:
         # Celery sends this from a signal handler of the main process: Redis is reached

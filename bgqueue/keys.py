@@ -20,6 +20,8 @@ Per app (`bgqueue:{app}:...`):
   workers          HASH worker name → JSON heartbeat (conditions, slots, queues).
   alive            ZSET worker name → ms its heartbeat lapses (server clock).
   expire           SET request ids whose expiration was simulated, until their watchdog sees it.
+  deadletter       LIST of JSON entries, newest first, capped: data met in the app's keys
+                   or queues that bgqueue could not read (bgqueue/deadletter.py).
   efficiency:<level>:<type>  STRING JSON of an efficiency grant (level app|process, type a
                    ResourceType bit); a timed grant's key expires at its end.
 """
@@ -61,6 +63,7 @@ class AppKeys:
         self.workers = f"{self.base}:workers"
         self.expire = f"{self.base}:expire"
         self.alive = f"{self.base}:alive"
+        self.deadletter = f"{self.base}:deadletter"
         self.due_all = [self.due(p) for p in range(PROFILE_COUNT)]
 
     def requests(self, scope: str) -> str:

@@ -1,7 +1,7 @@
 """Task requests: what a producer asks for (Apple's BGTaskRequest family).
 
 A request is plain data with a kind, an identifier, a not-before date, requirement
-flags and a JSON payload. `to_record`/`from_record` are the only place that knows
+flags and a JSON payload. `record`/`from_record` are the only place that knows
 how a request is laid out in Redis, so the Lua scripts and Python agree on one shape.
 """
 
@@ -79,13 +79,16 @@ def check_name(value: object, what: str) -> str:
     if not 0 < len(value) <= MAX_NAME_LENGTH:
         raise ParameterError(f"{what} must be 1 to {MAX_NAME_LENGTH} characters, got {len(value)}")
     # Reserved: names starting with '#' are bookkeeping fields in the scope's hash.
-    if value.startswith("#") or not value.isprintable() or any(c.isspace() for c in value):
+    # isprintable() is False for every whitespace character but the ASCII space.
+    if value.startswith("#") or not value.isprintable() or " " in value:
         raise ParameterError(f"{what} {value!r} must be printable, without spaces or a leading '#'")
     return value
 
 
 def encode_payload(payload: Any) -> str:
     """The payload as compact JSON text; anything JSON cannot carry is a ParameterError."""
+    if payload is None:
+        return "null"
     try:
         text = json.dumps(payload, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -136,6 +139,28 @@ class BGTaskRequest:
 
     def validate(self) -> None:
         """Raise ParameterError for anything a submit would refuse (requests are mutable)."""
+        self.record()
+
+    def record(self) -> tuple[str, int, int]:
+        """Validate, then the Redis record of this request while it waits (lua/submit.lua),
+        with the profile and earliest-begin ms (0: none) written in it.
+
+        Compact on purpose, since a million may wait: fields at their defaults are left out
+        (`a`, attempts so far, 0; `pl`, the payload, null) and readers fill them in. Under
+        64 bytes, a scope's small hash stays in Redis's compact listpack encoding.
+        """
+        self._check_fields()
+        payload = encode_payload(self.payload)
+        begin = 0 if self.earliest_begin_date is None else to_ms(self.earliest_begin_date)
+        profile = self.profile
+        text = f'{{"k":"{self.kind}","s":"pending","r":{profile},"e":{begin}'
+        if payload != "null":
+            text += f',"pl":{json.dumps(payload)}'
+        for name, value in self._extra_record().items():
+            text += f",{json.dumps(name)}:{json.dumps(value)}"
+        return text + "}", profile, begin
+
+    def _check_fields(self) -> None:
         if type(self) is BGTaskRequest:
             raise ParameterError("BGTaskRequest is abstract; use one of its request kinds")
         check_name(self.identifier, "identifier")
@@ -147,7 +172,6 @@ class BGTaskRequest:
                 raise ParameterError("earliest_begin_date must be timezone-aware (e.g. tz=UTC)")
         _check_bool(self.requires_network_connectivity, "requires_network_connectivity")
         _check_bool(self.requires_external_power, "requires_external_power")
-        encode_payload(self.payload)
 
     @property
     def protection_level(self) -> int:
@@ -160,19 +184,6 @@ class BGTaskRequest:
         bits = Requirement.NETWORK if self.requires_network_connectivity else 0
         bits |= Requirement.EXTERNAL_POWER if self.requires_external_power else 0
         return int(bits) | self.protection_level << 2
-
-    def to_record(self) -> dict[str, Any]:
-        """The Redis record of this request while it waits (see lua/submit.lua)."""
-        record: dict[str, Any] = {
-            "k": str(self.kind),
-            "s": str(State.PENDING),
-            "e": 0 if self.earliest_begin_date is None else to_ms(self.earliest_begin_date),
-            "r": self.profile,
-            "pl": encode_payload(self.payload),
-            "a": 0,
-        }
-        record.update(self._extra_record())
-        return record
 
     def _extra_record(self) -> dict[str, Any]:
         return {}
@@ -200,9 +211,9 @@ class HealthResearchTaskRequest(ProcessingTaskRequest):
 
     kind: ClassVar[Kind] = Kind.HEALTH_RESEARCH
 
-    def validate(self) -> None:
+    def _check_fields(self) -> None:
         """As the base, plus a known FileProtectionType."""
-        super().validate()
+        super()._check_fields()
         try:
             self.protection_type_of_required_data = FileProtectionType(
                 self.protection_type_of_required_data
@@ -229,9 +240,9 @@ class ContinuedProcessingTaskRequest(BGTaskRequest):
 
     kind: ClassVar[Kind] = Kind.CONTINUED_PROCESSING
 
-    def validate(self) -> None:
+    def _check_fields(self) -> None:
         """As the base, plus title, subtitle and a known strategy; no future start date."""
-        super().validate()
+        super()._check_fields()
         date = self.earliest_begin_date
         if date is not None and date > datetime.now(UTC):
             raise ParameterError("a continued-processing request starts now: no future date")
@@ -266,7 +277,7 @@ def from_record(identifier: str, record: dict[str, Any]) -> BGTaskRequest:
         "earliest_begin_date": from_ms(record["e"]) if record["e"] else None,
         "requires_network_connectivity": bool(profile & Requirement.NETWORK),
         "requires_external_power": bool(profile & Requirement.EXTERNAL_POWER),
-        "payload": json.loads(record["pl"]),
+        "payload": json.loads(record.get("pl", "null")),
     }
     if kind is Kind.HEALTH_RESEARCH:
         kwargs["protection_type_of_required_data"] = list(FileProtectionType)[profile >> 2]

@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -206,6 +206,62 @@ def _finish(
     return bool(app.call("finish", script_keys, args))
 
 
+class _Watchdogs:
+    """The threads that watch runs, kept between runs: starting a thread for every run cost
+    more CPU than a no-op run itself. A pool process runs one request at a time, so one
+    thread serves it; a process running several at once (a threads pool) gets one per run
+    in progress."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_Watchdog] = []
+        self._pid = os.getpid()
+
+    def watch(self, job: Callable[[], None]) -> None:
+        """Run `job` in an idle watchdog thread, in a copy of the caller's context (so its
+        log lines name the request too)."""
+        context = contextvars.copy_context()
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's threads did not come along
+                self._idle, self._pid = [], os.getpid()
+            watchdog = self._idle.pop() if self._idle else _Watchdog(self)
+        watchdog.give(lambda: context.run(job))
+
+    def done(self, watchdog: _Watchdog) -> None:
+        with self._lock:
+            self._idle.append(watchdog)
+
+
+class _Watchdog:
+    """One daemon thread running the watch jobs it is given, one after the other."""
+
+    def __init__(self, pool: _Watchdogs) -> None:
+        self._pool = pool
+        self._job: Callable[[], None] | None = None
+        self._given = threading.Condition()
+        threading.Thread(target=self._loop, name="bgqueue-watchdog", daemon=True).start()
+
+    def give(self, job: Callable[[], None]) -> None:
+        with self._given:
+            self._job = job
+            self._given.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._given:
+                while self._job is None:
+                    self._given.wait()
+                job, self._job = self._job, None
+            try:
+                job()
+            except Exception:  # a watch that fails must not take the thread with it
+                log.exception("watchdog failed")
+            self._pool.done(self)
+
+
+_watchdogs = _Watchdogs()
+
+
 class Run:
     """One run of a handler: its outcome is recorded exactly once, by whoever ends it first."""
 
@@ -295,16 +351,9 @@ class Run:
 
     def execute(self, handler: Any) -> dict[str, Any]:
         """Run the handler with a watchdog; returns the recorded outcome."""
-        watchdog = threading.Thread(
-            # In a copy of this thread's context, so its log lines name the request too.
-            target=contextvars.copy_context().run,
-            args=(self._watch,),
-            name=f"bgqueue-watchdog-{self.gen}",
-            daemon=True,
-        )
         self._interruptible = _interrupts.install()
         _interrupts.run = self
-        watchdog.start()
+        _watchdogs.watch(self._watch)
         try:
             try:
                 self._in_body = True

@@ -22,7 +22,6 @@ from bgqueue.requests import (
     BGTaskRequest,
     ContinuedProcessingStrategy,
     ContinuedProcessingTaskRequest,
-    Kind,
     State,
     TaskRecord,
     check_name,
@@ -47,28 +46,24 @@ class Scheduler:
     def submit_many(self, requests: Iterable[BGTaskRequest]) -> None:
         """Schedule a batch atomically: every request is accepted, or none is."""
         batch = list(requests)
+        app_keys = self.app.keys
+        limits = self.app.limits
         args: list[Any] = [
-            self.app.limits.max_pending_refresh,
-            self.app.limits.max_pending_processing,
+            limits.max_pending_refresh,
+            limits.max_pending_processing,
+            keys.member(self.scope, ""),
+            keys.BEAT_WAKE,
+            self.app.app_id,
         ]
         for request in batch:
-            self._check(request)
-            record = request.to_record()
-            args += [
-                request.identifier,
-                keys.member(self.scope, request.identifier),
-                json.dumps(record, separators=(",", ":")),
-                record["r"],
-                record["e"],
-                "refresh" if request.kind is Kind.REFRESH else "processing",
-            ]
+            record, profile, begin = self._check(request)
+            args += [request.identifier, record, profile, begin, request.kind]
         if not batch:
             return
         self._check_start_now(batch)
-        app_keys = self.app.keys
         script_keys = [*app_keys.due_all, app_keys.leases, app_keys.counts]
-        script_keys += [app_keys.requests(self.scope)] * len(batch)
-        result = self.app.call("submit", script_keys, args, wake=True)
+        script_keys.append(app_keys.requests(self.scope))
+        result = self.app.call("submit", script_keys, args)  # it wakes beat itself
         if result[0] == b"ok":
             self.app.announce()
         else:
@@ -80,15 +75,18 @@ class Scheduler:
                 "Cancel one or wait for it to run."
             )
 
-    def _check(self, request: BGTaskRequest) -> None:
+    def _check(self, request: BGTaskRequest) -> tuple[str, int, int]:
+        """The request's record, profile and earliest-begin ms, once it is valid and
+        permitted."""
         if not isinstance(request, BGTaskRequest):
             raise ParameterError(f"expected a task request, got {type(request).__name__}")
-        request.validate()
+        record = request.record()
         if not self.app.is_permitted(request.identifier):
             raise NotPermitted(
                 f"identifier {request.identifier!r} is not in the permitted identifiers of "
                 f"{self.app.app_id!r}; add it to BackgroundApp(permitted_identifiers=...)"
             )
+        return record
 
     def _check_start_now(self, batch: list[BGTaskRequest]) -> None:
         """Continued-processing requests with the FAIL strategy need a free slot each, now."""

@@ -46,6 +46,7 @@ NAMES = (
     "work_end",
     "work_recover",
     "transient_delays",
+    "deadletter",
 )
 
 

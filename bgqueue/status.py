@@ -13,7 +13,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from bgqueue import WorkInfo, keys, transient
+from bgqueue import WorkInfo, deadletter, keys, transient
 from bgqueue.continuous import ContinuousTaskInfo
 from bgqueue.efficiency import read_grants
 from bgqueue.limits import Limits
@@ -44,7 +44,22 @@ def report(client: Any) -> str:
         lines += transient_lines(client, scripts, app, workers)
         lines += efficiency_lines(client, app, now)
         lines += work_lines(client, scripts, app, now)
+        lines += dead_letter_lines(client, app)
     return "\n".join(lines)
+
+
+def dead_letter_lines(client: Any, app: keys.AppKeys) -> list[str]:
+    """How many entries the app's dead letter holds and the newest one's reason (never its
+    data, which may carry secrets); nothing when it is empty."""
+    total = deadletter.count(client, app)
+    if not total:
+        return []
+    newest = deadletter.read(client, app, 1)[0]
+    when = newest.at.isoformat(timespec="seconds") if newest.at else "?"
+    return [
+        f"  dead letters: {total} (newest {when} from {newest.source}: {newest.reason}); "
+        f"read them with LRANGE {app.deadletter} 0 -1"
+    ]
 
 
 def seconds(ms: float) -> str:

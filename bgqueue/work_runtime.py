@@ -16,9 +16,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from bgqueue import efficiency, runtime
+from bgqueue import deadletter, efficiency, runtime
 from bgqueue.conditions import matches_work
-from bgqueue.works import WORK_TASK, WorkInfo, WorkSchedulerExtension
+from bgqueue.works import MAX_WORK_ID, WORK_TASK, WorkInfo, WorkSchedulerExtension
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -33,15 +33,24 @@ GRANTED_RUN_LIMIT_CHARGING = 1200.0
 GRANTED_RUN_LIMIT = 600.0
 STOP_GRACE = 1.0  # seconds a body may take to return after on_work_stop before it is ended
 
+# The arguments of a work's message, as beat sends them (keywords only).
+ARGUMENTS: dict[str, deadletter.Check] = {
+    "work_id": lambda w: type(w) is int and 0 <= w <= MAX_WORK_ID,
+    "gen": deadletter.is_count,
+}
+
 
 def add_celery_task(app: BackgroundApp, celery: Celery) -> None:
     """Register the Celery task that runs works' extensions on this worker."""
 
-    def run(work_id: int, gen: int) -> dict[str, Any]:
-        return execute(app, work_id, gen)
+    def run(task: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        wrong = deadletter.message_kwargs(args, kwargs, ARGUMENTS)
+        if wrong is not None:  # not a message beat sent
+            return deadletter.refuse_task_message(app, task, wrong)
+        return execute(app, kwargs["work_id"], kwargs["gen"])
 
     run.__doc__ = "Runs a work's WorkSchedulerExtension (the work scheduler)"
-    celery.task(name=WORK_TASK, acks_late=True, ignore_result=True)(run)
+    celery.task(name=WORK_TASK, bind=True, acks_late=True, ignore_result=True)(run)
 
 
 def execute(app: BackgroundApp, work_id: int, gen: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ heartbeat that beat reads to decide what may be dispatched.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -16,13 +17,19 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
+import redis
 from celery import Celery, signals
+from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request
+from kombu.transport import redis as kombu_redis
 
-from bgqueue import conditions, continuous_runtime, runtime, work_runtime
+from bgqueue import conditions, continuous_runtime, deadletter, runtime, work_runtime
 from bgqueue.celery_config import celery_config
 from bgqueue.errors import TaskExpired, TaskFailed, TaskOutcomeError, TaskUnsuccessful
+from bgqueue.keys import AppKeys
+from bgqueue.requests import PROFILE_COUNT
 
 if TYPE_CHECKING:
     from bgqueue.app import BackgroundApp
@@ -39,6 +46,12 @@ def make_celery(app: BackgroundApp) -> Celery:
     celery = Celery(app.app_id, set_as_current=False)
     celery.conf.update(celery_config(app.broker_url))
     celery.conf.task_default_queue = app.keys.queue(0)
+    # What Celery and kombu cannot read goes to the app's dead letter (bgqueue.deadletter).
+    celery.conf.worker_consumer = f"{__name__}:Consumer"
+    if urlsplit(app.broker_url).scheme == "redis":
+        celery.conf.broker_transport = f"{__name__}:Transport"
+        options = dict(celery.conf.broker_transport_options or {})
+        celery.conf.broker_transport_options = {**options, APP_OPTION: app.app_id}
     for identifier in app.handlers:
         add_celery_task(app, identifier, celery)
     continuous_runtime.add_celery_task(app, celery)  # one task runs every continuous handler
@@ -56,11 +69,23 @@ OUTCOME_ERRORS: dict[str, type[TaskOutcomeError]] = {
 }
 
 
+# The arguments of a run's message, as beat sends them (keywords only).
+RUN_ARGUMENTS: dict[str, deadletter.Check] = {
+    "scope": deadletter.is_name,
+    "gen": deadletter.is_count,
+    "profile": lambda p: type(p) is int and 0 <= p < PROFILE_COUNT,
+}
+
+
 def add_celery_task(app: BackgroundApp, identifier: str, celery: Celery | None = None) -> None:
     """Register the Celery task that runs `identifier`'s launch handler."""
     target = celery if celery is not None else app.celery
 
-    def run(task: Any, scope: str, gen: int, profile: int) -> dict[str, Any]:
+    def run(task: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        wrong = deadletter.message_kwargs(args, kwargs, RUN_ARGUMENTS)
+        if wrong is not None:  # not a message beat sent
+            return deadletter.refuse_task_message(app, task, wrong)
+        scope, gen, profile = kwargs["scope"], kwargs["gen"], kwargs["profile"]
         began = time.monotonic()
         summary = runtime.execute(app, identifier, scope, gen, profile)
         seconds = time.monotonic() - began
@@ -133,6 +158,150 @@ class RunRequest(Request):  # type: ignore[misc]
                 runtime.retire_pool_process(self.worker_pid)
 
 
+# Sent by `Consumer` for a message on a bgqueue queue whose body cannot be decoded.
+message_undecodable = signals.Signal(name="message_undecodable")
+
+
+# What Celery's Request raises reading a task body of the wrong shape.
+BODY_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError)
+
+
+def _body_problem(body: Any) -> str | None:
+    """Why a task message's body is not Celery's [args, kwargs, embed], or None."""
+    if not isinstance(body, list | tuple) or len(body) != 3:
+        return "the body is not [args, kwargs, embed]"
+    args, kwargs, embed = body
+    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+        return "the body's args are not a list or its kwargs not an object"
+    if embed is not None and not isinstance(embed, dict):
+        return "the body's embed is not an object"
+    return None
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer, except for messages it refuses: one that is not a task message,
+    an invalid one, one whose body cannot be decoded, one naming no registered task. Celery
+    logs those with their body (which may carry secrets) and drops them; here the log line
+    names the queue and what was wrong, and the message goes to the app's dead letter
+    (through `task_rejected`, `task_unknown` and `message_undecodable`)."""
+
+    def update_strategies(self) -> None:
+        """Celery's strategies, guarded: a task message whose body has the wrong shape (say,
+        an object where Celery expects [args, kwargs, embed]) raises in Celery's Request
+        constructor, which stops the whole worker and restores the message, so every
+        restart would stop again. Here it is an invalid task message instead."""
+        super().update_strategies()
+        for name, strategy in list(self.strategies.items()):
+            self.strategies[name] = self._guarded(strategy)
+
+    def _guarded(self, strategy: Callable[..., Any]) -> Callable[..., Any]:
+        def guarded(message: Any, payload: Any, *args: Any, **kwargs: Any) -> Any:
+            if payload is None:  # protocol 2: Celery would decode the body in the pool
+                try:
+                    problem = _body_problem(message.decode())  # cached for Celery
+                except Exception as exc:
+                    return self.on_decode_error(message, exc)
+                if problem is not None:
+                    return self.on_invalid_task(None, message, ValueError(problem))
+            try:
+                return strategy(message, payload, *args, **kwargs)
+            except BODY_ERRORS as exc:
+                return self.on_invalid_task(payload, message, exc)
+
+        return guarded
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        log.error("undecodable message on %s: %s", deadletter.queue_of(message), type(exc).__name__)
+        try:
+            message_undecodable.send(sender=self, message=message, exc=exc)
+        finally:
+            message.ack()
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        log.error("not a task message on %s", deadletter.queue_of(message))
+        message.reject_log_error(log, self.connection_errors)
+        signals.task_rejected.send(sender=self, message=message, exc=None)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        where = deadletter.queue_of(message)
+        log.error("invalid task message on %s: %s", where, type(exc).__name__)
+        message.reject_log_error(log, self.connection_errors)
+        signals.task_rejected.send(sender=self, message=message, exc=exc)
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        name, task_id = str(headers.get("task")), str(headers.get("id"))
+        log.error("unregistered task %r on %s", name[:200], deadletter.queue_of(message))
+        message.reject_log_error(log, self.connection_errors)
+        if self.event_dispatcher:  # Flower shows it failed, as Celery's own handler does
+            failure = f"NotRegistered({name[:200]!r})"
+            self.event_dispatcher.send("task-failed", uuid=task_id, exception=failure)
+        signals.task_unknown.send(sender=self, message=message, exc=exc, name=name, id=task_id)
+
+
+# -- the transport: items on a queue's list that are not kombu messages -------------------
+
+APP_OPTION = "bgqueue_app_id"  # broker transport option naming the worker's app
+
+
+def _dead_letter_raw(pool: Any, app_id: str | None, where: str, why: str, raw: object) -> None:
+    log.error("not a message on %s: %s", where, why)
+    if app_id is None:
+        return
+    try:
+        deadletter.push(redis.Redis(connection_pool=pool), AppKeys(app_id), where, why, raw)
+    except Exception as exc:  # never let a foreign item fail the consumer
+        log.warning("could not record a dead letter: %s", type(exc).__name__)
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel, except that an item popped off a queue that is not even JSON
+    goes to the dead letter: kombu would raise out of the worker's event loop, which
+    stops the worker (Celery's "Unrecoverable error")."""
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            return bool(super()._brpop_read(**options))  # type: ignore[no-untyped-call]
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raw = exc.doc if isinstance(exc, json.JSONDecodeError) else exc.object
+            app_id = self.connection.client.transport_options.get(APP_OPTION)
+            _dead_letter_raw(self.pool, app_id, "a queue", "not a kombu message (not JSON)", raw)
+            return True
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with `Channel`, and an envelope check before delivery: a JSON
+    item without kombu's properties would raise out of the event loop too."""
+
+    Channel = Channel
+
+    def _deliver(self, message: Any, queue: str) -> None:
+        problem = _envelope_problem(message)
+        if problem is None:
+            super()._deliver(message, queue)  # type: ignore[no-untyped-call]
+            return
+        client: Any = self.client  # the kombu Connection
+        app_id = client.transport_options.get(APP_OPTION)
+        pool = self.channels[0].pool if self.channels else None
+        _dead_letter_raw(pool, app_id, f"queue {queue}", problem, message)
+
+
+def _envelope_problem(message: Any) -> str | None:
+    """Why a popped item is not a kombu message (what kombu's Message reads), or None."""
+    properties = message.get("properties") if isinstance(message, dict) else None
+    if not isinstance(properties, dict) or "delivery_tag" not in properties:
+        return "not a kombu message (no properties.delivery_tag)"
+    if not isinstance(properties.get("delivery_info", {}), dict):
+        return "not a kombu message (delivery_info is not an object)"
+    body = message.get("body")
+    if properties.get("body_encoding") == "base64" and body:
+        try:
+            base64.b64decode(body, validate=True)
+        except (ValueError, TypeError):
+            return "not a kombu message (body is not base64)"
+    return None
+
+
 def _for(celery: Celery, hook: Callable[..., None]) -> Callable[..., None]:
     """A signal receiver that calls `hook` only for signals sent by this Celery app."""
 
@@ -182,6 +351,8 @@ class Heartbeat:
             (signals.worker_ready, lambda **_: heartbeat.start()),
             (signals.worker_shutdown, lambda **_: heartbeat.stop()),
             (signals.task_unknown, heartbeat.refuse_unknown),
+            (signals.task_rejected, heartbeat.dead_letter),
+            (message_undecodable, heartbeat.dead_letter),
         ]
         for signal, hook in hooks:
             signal.connect(_for(celery, hook), weak=False)
@@ -235,10 +406,31 @@ class Heartbeat:
         try:
             kwargs = message.payload[1]
             scope, gen = kwargs["scope"], int(kwargs["gen"])
-        except (TypeError, KeyError, IndexError, ValueError):
-            return  # not a bgqueue message: Celery has logged and rejected it
+            if not isinstance(scope, str):
+                raise TypeError(scope)
+        except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+            # Not a bgqueue message: Celery has logged and rejected it.
+            self.dead_letter(message, reason=f"unknown task {name!r}, not a bgqueue request")
+            return
         reason = f"no launch handler registered for {name!r} on worker {runtime.context.name}"
-        runtime.refuse(self.app, name, scope, gen, reason)
+        if not runtime.refuse(self.app, name, scope, gen, reason):
+            # No such dispatched request of this app (a stale copy, or another app's).
+            self.dead_letter(message, reason=f"unknown task {name!r} and no request it names")
+
+    def dead_letter(
+        self, message: Any, exc: Exception | None = None, reason: str = "", **_: Any
+    ) -> None:
+        """Record a message Celery refused (not a task message, an invalid one, a body that
+        cannot be decoded) in the app's dead letter; Celery acknowledges it."""
+        if not reason and exc is None:
+            reason = "not a Celery task message"
+        elif not reason:
+            reason = f"invalid task message: {type(exc).__name__}: {exc}"[:300]
+        try:
+            where, raw = deadletter.queue_of(message), deadletter.raw_message(message)
+            deadletter.push(self.app.client, self.app.keys, where, reason, raw)
+        except Exception as error:  # never let a foreign message fail the consumer
+            log.warning("could not record a dead letter: %s", type(error).__name__)
 
     def start(self) -> None:
         """Start heartbeating (the pool is up, tasks may arrive)."""

@@ -37,10 +37,10 @@ for _, id in ipairs(ids) do
     local was = rec['s'] == 'pending' and rec['r'] or 'dispatched'
     redis.call('HINCRBY', KEYS[20], rec['k'] .. ':' .. was, -1)
     local class = rec['k'] == 'refresh' and '#refresh' or '#processing'
-    redis.call('HINCRBY', key, class, -1)
+    if redis.call('HINCRBY', key, class, -1) <= 0 then redis.call('HDEL', key, class) end
     redis.call('LPUSH', KEYS[19], cjson.encode({
       i = id, sc = scope, k = rec['k'], s = 'cancelled', ok = false,
-      fa = now, g = rec['g'] or 0, a = rec['a'], why = 'cancelled by the producer'}))
+      fa = now, g = rec['g'] or 0, a = rec['a'] or 0, why = 'cancelled by the producer'}))
     cancelled = cancelled + 1
   end
 end

@@ -23,10 +23,13 @@ local rec = cjson.decode(raw)
 if rec['s'] ~= 'dispatched' or tostring(rec['g']) ~= gen then return false end
 
 redis.call('HDEL', KEYS[1], id)
-redis.call('HINCRBY', KEYS[1], rec['k'] == 'refresh' and '#refresh' or '#processing', -1)
+local class = rec['k'] == 'refresh' and '#refresh' or '#processing'
+if redis.call('HINCRBY', KEYS[1], class, -1) <= 0 then redis.call('HDEL', KEYS[1], class) end
 redis.call('ZREM', KEYS[2], scope .. '\31' .. id)
 redis.call('HINCRBY', KEYS[5], rec['k'] .. ':dispatched', -1)
 rec['s'], rec['sc'], rec['i'], rec['w'], rec['sa'] = 'running', scope, id, ARGV[4], now
+-- The pending record leaves defaults out (requests.py); the running one is whole.
+rec['a'], rec['pl'] = rec['a'] or 0, rec['pl'] or 'null'
 raw = cjson.encode(rec)
 redis.call('HSET', KEYS[3], gen, raw)
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[5]), gen)

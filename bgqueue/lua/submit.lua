@@ -1,77 +1,129 @@
--- Submit a batch of requests, replacing any not-yet-started request with the same
--- identifier in the same scope. All or nothing: limits are checked for the whole
--- batch before the first write.
+-- Submit a batch of requests of one scope, replacing any not-yet-started request with the
+-- same identifier. All or nothing: limits are checked for the whole batch before the
+-- first write.
 --
 -- KEYS[1..16]  due:<profile> sorted sets, profiles 0..15 in order
 -- KEYS[17]     leases (a replaced dispatched request leaves it)
 -- KEYS[18]     counts: "<kind>:<profile>" pending, "<kind>:dispatched" (keys.py)
--- KEYS[19..]   req:<scope> hash of each request, in ARGV order (repeats allowed)
+-- KEYS[19]     req:<scope>, the scope's hash
 -- ARGV[1]      max pending refresh requests per scope
 -- ARGV[2]      max pending processing requests per scope
--- ARGV[3..]    six values per request: identifier, member, record JSON,
---              profile, earliest-begin ms (the due score), class ('refresh'|'processing')
+-- ARGV[3]      member prefix "<scope>\31" (a request's member is prefix .. identifier)
+-- ARGV[4], [5] beat's wake channel and the message to publish there once accepted
+--              (from here, it costs the producer no second command)
+-- ARGV[6..]    five values per request: identifier, record JSON (requests.py, ending
+--              in '}'), profile, earliest-begin ms (the due score), kind
 -- Returns {'ok', replaced} or {'limit', index (0-based), class}.
--- The stored record gains t, when it became pending (ms): beat's dispatch lateness
--- counts from it for a request with no earliest-begin date.
+-- A record whose earliest-begin date has passed gains t, when it became pending (ms):
+-- beat's dispatch lateness counts from max(e, t). The record is stored as given
+-- otherwise (no decoding: a million may come in one batch).
+-- A scope's counts are kept only while non-zero (an idle scope costs nothing).
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local key, prefix = KEYS[19], ARGV[3]
 local limit = {refresh = tonumber(ARGV[1]), processing = tonumber(ARGV[2])}
-local n = (#ARGV - 2) / 6
-local counts, current = {}, {}
+local n = (#ARGV - 5) / 5
 
 local function class_of(kind)
   if kind == 'refresh' then return 'refresh' end
   return 'processing'
 end
 
-local function counts_of(key)
-  if not counts[key] then
-    local raw = redis.call('HMGET', key, '#refresh', '#processing')
-    counts[key] = {refresh = tonumber(raw[1]) or 0, processing = tonumber(raw[2]) or 0}
+-- Calls with many arguments go in chunks: Lua's unpack has a stack limit.
+local CHUNK = 1000
+local function in_chunks(command, target, args, width)
+  local out = {}
+  for first = 1, #args, CHUNK * width do
+    local last = math.min(first + CHUNK * width - 1, #args)
+    local reply = redis.call(command, target, unpack(args, first, last))
+    if type(reply) == 'table' then
+      for _, value in ipairs(reply) do out[#out + 1] = value end
+    end
   end
-  return counts[key]
+  return out
 end
 
--- Pass 1: simulate the batch on counts only.
+-- Read the scope's counts and what is stored under each identifier (false: nothing), in
+-- as few calls as the batch allows: each redis.call costs microseconds.
+local stored, ids = {}, {'#refresh', '#processing'}
 for i = 0, n - 1 do
-  local a, key = 3 + i * 6, KEYS[19 + i]
-  local id, class = ARGV[a], ARGV[a + 5]
-  local slot = key .. '\0' .. id
-  if current[slot] == nil then
-    local raw = redis.call('HGET', key, id)
-    current[slot] = raw and class_of(cjson.decode(raw)['k']) or false
+  local id = ARGV[6 + i * 5]
+  if stored[id] == nil then
+    stored[id] = true
+    ids[#ids + 1] = id
   end
-  local c, old = counts_of(key), current[slot]
-  if old then c[old] = c[old] - 1 end
-  c[class] = c[class] + 1
-  current[slot] = class
-  if c[class] > limit[class] and old ~= class then
+end
+local found = in_chunks('HMGET', key, ids, 1)
+for i = 3, #ids do stored[ids[i]] = found[i] end
+
+-- Pass 1: simulate the batch on the scope's counts only.
+local counts = {refresh = tonumber(found[1]) or 0, processing = tonumber(found[2]) or 0}
+local current = {}
+for id, raw in pairs(stored) do current[id] = raw and class_of(cjson.decode(raw)['k']) end
+for i = 0, n - 1 do
+  local a = 6 + i * 5
+  local id, class = ARGV[a], class_of(ARGV[a + 4])
+  local old = current[id]
+  if old then counts[old] = counts[old] - 1 end
+  counts[class] = counts[class] + 1
+  current[id] = class
+  if counts[class] > limit[class] and old ~= class then
     return {'limit', i, class}
   end
 end
 
--- Pass 2: write.
-local replaced = 0
+-- Pass 2: write. A record met in Redis is replaced (once: a later duplicate in the batch
+-- replaces its own batch-mate, which this pass has just accounted for).
+local replaced, tally, records, due = 0, {}, {}, {}
+local function count(field, by) tally[field] = (tally[field] or 0) + by end
 for i = 0, n - 1 do
-  local a, key = 3 + i * 6, KEYS[19 + i]
-  local id, m = ARGV[a], ARGV[a + 1]
-  local raw = redis.call('HGET', key, id)
-  if raw then
-    local old = cjson.decode(raw)
+  local a = 6 + i * 5
+  local id, m = ARGV[a], prefix .. ARGV[a]
+  local profile, begin, kind = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), ARGV[a + 4]
+  local old = stored[id]
+  if type(old) == 'string' then
+    old = cjson.decode(old)
     redis.call('ZREM', KEYS[old['r'] + 1], m)
     redis.call('ZREM', KEYS[17], m)
-    local was = old['s'] == 'pending' and old['r'] or 'dispatched'
-    redis.call('HINCRBY', KEYS[18], old['k'] .. ':' .. was, -1)
+    count(old['k'] .. ':' .. (old['s'] == 'pending' and old['r'] or 'dispatched'), -1)
     replaced = replaced + 1
+  elseif old then  -- a batch-mate: it was never written, only counted
+    due[old.r][old.at] = false
+    count(old.k .. ':' .. old.r, -1)
   end
-  local rec = cjson.decode(ARGV[a + 2])
-  rec['t'] = now
-  redis.call('HSET', key, id, cjson.encode(rec))
-  redis.call('HINCRBY', KEYS[18], rec['k'] .. ':' .. ARGV[a + 3], 1)
-  redis.call('ZADD', KEYS[tonumber(ARGV[a + 3]) + 1], ARGV[a + 4], m)
+  local rec = ARGV[a + 1]
+  if begin < now then rec = string.sub(rec, 1, -2) .. ',"t":' .. now .. '}' end
+  records[#records + 1] = id
+  records[#records + 1] = rec
+  due[profile] = due[profile] or {}
+  local list = due[profile]
+  list[#list + 1] = {ARGV[a + 3], m}  -- the score as given: a Lua number prints as %.14g
+  stored[id] = {k = kind, r = profile, at = #list}
+  count(kind .. ':' .. profile, 1)
 end
-for key, c in pairs(counts) do
-  redis.call('HSET', key, '#refresh', c.refresh, '#processing', c.processing)
+for class, c in pairs(counts) do
+  if c > 0 then
+    records[#records + 1] = '#' .. class
+    records[#records + 1] = c
+  elseif found[class == 'refresh' and 1 or 2] then
+    redis.call('HDEL', key, '#' .. class)
+  end
 end
+-- HSET keeps the last value of a field given twice: the batch's last word stands.
+in_chunks('HSET', key, records, 2)
+for profile, entries in pairs(due) do
+  local args = {}
+  for _, entry in ipairs(entries) do
+    if entry then
+      args[#args + 1] = entry[1]
+      args[#args + 1] = entry[2]
+    end
+  end
+  in_chunks('ZADD', KEYS[profile + 1], args, 2)
+end
+for field, by in pairs(tally) do
+  if by ~= 0 then redis.call('HINCRBY', KEYS[18], field, by) end
+end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return {'ok', replaced}

@@ -1,0 +1,63 @@
+-- Shared dead-letter writers (spliced in by bgqueue/scripts.py where a script says
+-- `-- include: deadletter`). See bgqueue/deadletter.py.
+--
+-- dead_letter(dl, source, why, raw): push one entry, newest first, onto the app's
+-- dead-letter list `dl`, and cap the list in the same step. An entry is JSON: t (ms,
+-- server clock), src (where it was met: a key or a queue), why (the reason), raw (the
+-- data met, its first DEAD_LETTER_RAW bytes).
+-- dead_letter_key(dl, key, wanted, why): if `key` holds another type than `wanted`, keep a
+-- sample of it in an entry and delete it, so the scripts touching it work again; returns
+-- true if it did.
+-- request_record(raw): a request record (lua/submit.lua's layout) decoded, or nil and
+-- why it is not one.
+
+local DEAD_LETTER_CAP, DEAD_LETTER_RAW = 1000, 4096
+
+local function dead_letter(dl, source, why, raw)
+  local clock = redis.call('TIME')
+  local ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  redis.call('LPUSH', dl, cjson.encode({
+    t = ms, src = source, why = why, raw = string.sub(tostring(raw), 1, DEAD_LETTER_RAW)}))
+  redis.call('LTRIM', dl, 0, DEAD_LETTER_CAP - 1)
+end
+
+local function dead_letter_key(dl, key, wanted, why)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'none' or kind == wanted then return false end
+  local sample
+  if kind == 'string' then
+    sample = redis.call('GETRANGE', key, 0, DEAD_LETTER_RAW - 1)
+  elseif kind == 'list' then
+    sample = cjson.encode(redis.call('LRANGE', key, 0, 99))
+  elseif kind == 'hash' then
+    sample = cjson.encode(redis.call('HRANDFIELD', key, 100, 'WITHVALUES'))
+  elseif kind == 'set' then
+    sample = cjson.encode(redis.call('SRANDMEMBER', key, 100))
+  elseif kind == 'zset' then
+    sample = cjson.encode(redis.call('ZRANGE', key, 0, 99, 'WITHSCORES'))
+  else
+    sample = kind
+  end
+  redis.call('DEL', key)
+  dead_letter(dl, key, why .. ': a ' .. kind .. ' where a ' .. wanted .. ' belongs; removed',
+    sample)
+  return true
+end
+
+local REQUEST_KINDS = {
+  refresh = true, processing = true, health_research = true, continued_processing = true}
+
+local function request_record(raw)
+  local ok, rec = pcall(cjson.decode, raw)
+  if not ok then return nil, 'request record is not JSON' end
+  if type(rec) ~= 'table' then return nil, 'request record is not a JSON object' end
+  -- A pending record leaves out fields at their defaults (requests.py: BGTaskRequest.record).
+  rec['a'], rec['pl'] = rec['a'] or 0, rec['pl'] or 'null'
+  local r, e = rec['r'], rec['e']
+  if not REQUEST_KINDS[rec['k']] or type(rec['s']) ~= 'string'
+      or type(r) ~= 'number' or r % 1 ~= 0 or r < 0 or r > 15
+      or type(e) ~= 'number' or type(rec['pl']) ~= 'string' or type(rec['a']) ~= 'number' then
+    return nil, 'request record has the wrong shape (k, s, r, e, pl, a)'
+  end
+  return rec
+end

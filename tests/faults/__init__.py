@@ -1,0 +1,1 @@
+"""Fault injection: real processes, real signals, one row per scenario (report.py)."""
