@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import redis
 
 from bgqueue.embedded import ensure_embedded_redis
-from bgqueue.errors import ParameterError, ServiceError
+from bgqueue.errors import ParameterError, ServiceError, Unavailable
 
 ENV_BROKER_URL = "BGQUEUE_BROKER_URL"
 CONNECT_TIMEOUT = 2.0  # seconds; an unreachable broker must fail fast, not hang a CLI
@@ -76,13 +76,21 @@ def connect(url: str) -> redis.Redis:
 
 @contextmanager
 def service_errors(url: str) -> Iterator[None]:
-    """Turn a lost or refused broker connection into ServiceError, without the password."""
+    """Turn a lost or refused broker connection into ServiceError, without the password, and
+    a command Redis refused (foreign data where bgqueue keeps its own: a key of the wrong
+    type, a record it did not write) into Unavailable."""
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise ServiceError(
             f"lost the broker at {redact(url)} ({type(exc).__name__}); is Redis running? "
             "nothing was changed by the failed call"
+        ) from exc
+    except redis.ResponseError as exc:
+        raise Unavailable(
+            f"Redis refused the call: {str(exc)[:300]}. Some of the app's keys hold data "
+            "bgqueue did not write; beat moves such keys into the dead letter "
+            "(bgqueue status shows it)"
         ) from exc
 
 

@@ -17,6 +17,7 @@ from bgqueue.errors import (
     NotPermitted,
     ParameterError,
     TooManyPendingTaskRequests,
+    Unavailable,
 )
 from bgqueue.requests import (
     BGTaskRequest,
@@ -62,10 +63,12 @@ class Scheduler:
             return
         self._check_start_now(batch)
         script_keys = [*app_keys.due_all, app_keys.leases, app_keys.counts]
-        script_keys.append(app_keys.requests(self.scope))
+        script_keys += [app_keys.requests(self.scope), app_keys.deadletter]
         result = self.app.call("submit", script_keys, args)  # it wakes beat itself
         if result[0] == b"ok":
             self.app.announce()
+        elif result[0] == b"foreign":
+            raise _foreign(result, "nothing was scheduled")
         else:
             index, kind = int(result[1]), result[2].decode()
             allowed = getattr(self.app.limits, f"max_pending_{kind}")
@@ -121,9 +124,13 @@ class Scheduler:
             app_keys.requests(self.scope),
             app_keys.history(self.scope),
             app_keys.counts,
+            app_keys.deadletter,
         ]
         args = [self.scope, self.app.settings.history_limit, *identifiers]
-        return int(self.app.call("cancel", script_keys, args))
+        result = self.app.call("cancel", script_keys, args)
+        if isinstance(result, list):
+            raise _foreign(result, "nothing was cancelled")
+        return int(result)
 
     def pending_task_requests(self) -> list[BGTaskRequest]:
         """Copies of the requests not yet started (pending or dispatched), earliest first."""
@@ -177,3 +184,12 @@ class Scheduler:
             if gens:
                 self.app.client.sadd(self.app.keys.expire, *gens)
         return len(gens)
+
+
+def _foreign(result: list[bytes], outcome: str) -> Unavailable:
+    """A script's {'foreign', key, type} reply: a key it would write holds foreign data."""
+    key, found = result[1].decode(), result[2].decode()
+    return Unavailable(
+        f"{key} holds a {found}, not what bgqueue keeps there; {outcome}. "
+        "Beat moves such keys into the dead letter (bgqueue status shows it)"
+    )

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue import keys
+from bgqueue import deadletter, keys
 from bgqueue.embedded import RedisServer
 
 
@@ -112,3 +112,55 @@ def test_submit_survives_an_emptied_script_cache(redis_url: str, redis_client: r
     app.scheduler.submit(bg.ProcessingTaskRequest("com.ex.second"))
     pending = [r.identifier for r in app.scheduler.pending_task_requests()]
     assert pending == ["com.ex.first", "com.ex.second"]
+
+
+@pytest.mark.parametrize("target", ["due", "counts", "scope"])
+def test_submit_over_a_key_of_the_wrong_type_is_unavailable_and_writes_nothing(
+    redis_url: str, redis_client: redis.Redis, target: str
+) -> None:
+    """Foreign data where bgqueue keeps a sorted set or a hash: a typed error, and the
+    script stops before its first write (a Lua script that fails half-way keeps its writes)."""
+    app = bg.BackgroundApp("com.ex", permitted_identifiers=["com.ex.*"], broker_url=redis_url)
+    app.scheduler.submit(bg.ProcessingTaskRequest("com.ex.first"))
+    key = {"due": app.keys.due(0), "counts": app.keys.counts, "scope": app.keys.requests("s")}
+    redis_client.delete(key[target])
+    redis_client.set(key[target], "not bgqueue's")
+    before = snapshot(redis_client)
+    with pytest.raises(bg.Unavailable, match="bgqueue"):
+        app.scheduler_for("s").submit(bg.ProcessingTaskRequest("com.ex.second"))
+    assert snapshot(redis_client) == before
+
+
+def test_submit_over_a_foreign_record_dead_letters_it_and_replaces_it(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A stored record bgqueue did not write is kept in the dead letter, then replaced."""
+    app = bg.BackgroundApp("com.ex", permitted_identifiers=["com.ex.*"], broker_url=redis_url)
+    redis_client.hset(app.keys.requests("s"), "com.ex.job", "{not json")
+    app.scheduler_for("s").submit(bg.ProcessingTaskRequest("com.ex.job", payload={"n": 1}))
+    [pending] = app.scheduler_for("s").pending_task_requests()
+    assert pending.payload == {"n": 1}
+    [letter] = deadletter.read(redis_client, app.keys)
+    assert letter.raw == "{not json" and "replaced by a submit" in letter.reason
+
+
+def test_cancel_meets_foreign_data_with_a_typed_error_or_a_dead_letter(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Cancel removes a record bgqueue did not write (kept in the dead letter); over a key of
+    the wrong type it is Unavailable and cancels nothing."""
+    app = bg.BackgroundApp("com.ex", permitted_identifiers=["com.ex.*"], broker_url=redis_url)
+    scheduler = app.scheduler_for("s")
+    scheduler.submit(bg.ProcessingTaskRequest("com.ex.real"))
+    redis_client.hset(app.keys.requests("s"), "com.ex.junk", "[1, 2]")
+    redis_client.set(app.keys.history("s"), "not a list")
+    before = snapshot(redis_client)
+    with pytest.raises(bg.Unavailable, match="history"):
+        scheduler.cancel_all()
+    assert snapshot(redis_client) == before
+    redis_client.delete(app.keys.history("s"))
+    scheduler.cancel_all()
+    assert scheduler.pending_task_requests() == []
+    assert redis_client.hkeys(app.keys.requests("s")) == []
+    [letter] = deadletter.read(redis_client, app.keys)
+    assert letter.raw == "[1, 2]" and "removed by a cancel" in letter.reason

@@ -7,10 +7,15 @@
 -- KEYS[18]     req:<scope>
 -- KEYS[19]     history:<scope>
 -- KEYS[20]     counts: "<kind>:<profile>" pending, "<kind>:dispatched" (keys.py)
+-- KEYS[21]     deadletter (bgqueue/deadletter.py)
 -- ARGV[1]      scope
 -- ARGV[2]      history length cap
 -- ARGV[3..]    identifiers to cancel; none means every request of the scope
--- Returns the number of requests cancelled.
+-- Returns the number of requests cancelled, or {'foreign', key, type} when a key it would
+-- write holds another type (then nothing is written). A record that is not a request's
+-- is moved to the dead letter and removed, without a history entry.
+
+-- include: deadletter
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -25,11 +30,34 @@ else
   end
 end
 
-local cancelled = 0
+-- Read and check everything first: a script that fails half-way keeps its first writes.
+local records, foreign = {}, {}
+local wanted = {[KEYS[17]] = 'zset', [KEYS[19]] = 'list', [KEYS[20]] = 'hash'}
 for _, id in ipairs(ids) do
   local raw = redis.call('HGET', key, id)
   if raw then
-    local rec = cjson.decode(raw)
+    local rec, why = request_record(raw)
+    if rec then
+      records[#records + 1] = {id, rec}
+      wanted[KEYS[rec['r'] + 1]] = 'zset'
+    else
+      foreign[#foreign + 1] = {id, why, raw}
+    end
+  end
+end
+for k, kind in pairs(wanted) do
+  local found = redis.call('TYPE', k)['ok']
+  if found ~= 'none' and found ~= kind then return {'foreign', k, found} end
+end
+for _, entry in ipairs(foreign) do
+  redis.call('HDEL', key, entry[1])
+  dead_letter(KEYS[21], key .. ' ' .. entry[1], entry[2] .. '; removed by a cancel', entry[3])
+end
+
+local cancelled = 0
+for _, entry in ipairs(records) do
+  local id, rec = entry[1], entry[2]
+  do
     local m = scope .. '\31' .. id
     redis.call('ZREM', KEYS[rec['r'] + 1], m)
     redis.call('ZREM', KEYS[17], m)

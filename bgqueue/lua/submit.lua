@@ -6,6 +6,7 @@
 -- KEYS[17]     leases (a replaced dispatched request leaves it)
 -- KEYS[18]     counts: "<kind>:<profile>" pending, "<kind>:dispatched" (keys.py)
 -- KEYS[19]     req:<scope>, the scope's hash
+-- KEYS[20]     deadletter (bgqueue/deadletter.py)
 -- ARGV[1]      max pending refresh requests per scope
 -- ARGV[2]      max pending processing requests per scope
 -- ARGV[3]      member prefix "<scope>\31" (a request's member is prefix .. identifier)
@@ -13,11 +14,16 @@
 --              (from here, it costs the producer no second command)
 -- ARGV[6..]    five values per request: identifier, record JSON (requests.py, ending
 --              in '}'), profile, earliest-begin ms (the due score), kind
--- Returns {'ok', replaced} or {'limit', index (0-based), class}.
+-- Returns {'ok', replaced}, {'limit', index (0-based), class}, or {'foreign', key, type}
+-- when a key it would write holds another type (nothing is written then: a script that
+-- fails half-way keeps its first writes). A stored record that is not a request's is
+-- moved to the dead letter and replaced.
 -- A record whose earliest-begin date has passed gains t, when it became pending (ms):
 -- beat's dispatch lateness counts from max(e, t). The record is stored as given
 -- otherwise (no decoding: a million may come in one batch).
 -- A scope's counts are kept only while non-zero (an idle scope costs nothing).
+
+-- include: deadletter
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -59,8 +65,14 @@ for i = 3, #ids do stored[ids[i]] = found[i] end
 
 -- Pass 1: simulate the batch on the scope's counts only.
 local counts = {refresh = tonumber(found[1]) or 0, processing = tonumber(found[2]) or 0}
-local current = {}
-for id, raw in pairs(stored) do current[id] = raw and class_of(cjson.decode(raw)['k']) end
+local current, foreign = {}, {}
+for id, raw in pairs(stored) do
+  local rec, why = false, nil
+  if raw then rec, why = request_record(raw) end
+  if raw and not rec then foreign[#foreign + 1] = {id, why, raw} end
+  stored[id] = rec or false
+  current[id] = rec and class_of(rec['k'])
+end
 for i = 0, n - 1 do
   local a = 6 + i * 5
   local id, class = ARGV[a], class_of(ARGV[a + 4])
@@ -73,6 +85,23 @@ for i = 0, n - 1 do
   end
 end
 
+-- Every key pass 2 writes must be of its type (or absent).
+local wanted = {[KEYS[18]] = 'hash'}
+for i = 0, n - 1 do wanted[KEYS[tonumber(ARGV[6 + i * 5 + 2]) + 1]] = 'zset' end
+for _, old in pairs(stored) do
+  if old then
+    wanted[KEYS[old['r'] + 1]] = 'zset'
+    wanted[KEYS[17]] = 'zset'
+  end
+end
+for k, kind in pairs(wanted) do
+  local found_type = redis.call('TYPE', k)['ok']
+  if found_type ~= 'none' and found_type ~= kind then return {'foreign', k, found_type} end
+end
+for _, entry in ipairs(foreign) do
+  dead_letter(KEYS[20], key .. ' ' .. entry[1], entry[2] .. '; replaced by a submit', entry[3])
+end
+
 -- Pass 2: write. A record met in Redis is replaced (once: a later duplicate in the batch
 -- replaces its own batch-mate, which this pass has just accounted for).
 local replaced, tally, records, due = 0, {}, {}, {}
@@ -82,8 +111,7 @@ for i = 0, n - 1 do
   local id, m = ARGV[a], prefix .. ARGV[a]
   local profile, begin, kind = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), ARGV[a + 4]
   local old = stored[id]
-  if type(old) == 'string' then
-    old = cjson.decode(old)
+  if old and not old.at then  -- a record read from Redis
     redis.call('ZREM', KEYS[old['r'] + 1], m)
     redis.call('ZREM', KEYS[17], m)
     count(old['k'] .. ':' .. (old['s'] == 'pending' and old['r'] or 'dispatched'), -1)
