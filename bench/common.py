@@ -30,18 +30,6 @@ BENCH_DIR = Path(__file__).resolve().parent
 # Where service processes write their output; run.py points it into the run's temp directory.
 LOG_DIR = Path(os.environ.get("BENCH_LOG_DIR", tempfile.gettempdir())) / "bgqueue-bench-logs"
 
-# Shorter heartbeats and leases, as the test suite uses (tests/harness.py FAST): a worker is
-# seen live within a fraction of a second instead of one heartbeat interval. They change
-# nothing on the dispatch path itself; the sections that use them say so.
-FAST_ENV = {
-    "BGQUEUE_HEARTBEAT_INTERVAL": "0.2",
-    "BGQUEUE_HEARTBEAT_TIMEOUT": "1.5",
-    "BGQUEUE_BEAT_LEASE": "1.5",
-    "BGQUEUE_CLAIM_LEASE": "1",
-    "BGQUEUE_DISPATCH_LEASE": "1.5",
-    "BGQUEUE_SWEEP_INTERVAL": "0.3",
-}
-
 
 def percentile(values: Sequence[float], p: float) -> float:
     """The p-th percentile (0–100) of `values`, nearest-rank; nan when empty."""

@@ -92,6 +92,25 @@ def warm_up(client: redis.Redis, key: str, send: Callable[[int], None]) -> None:
     common.wait_until(lambda: client.llen(key) >= WARM_UP, 60, f"warm-up runs ({key})")
 
 
+def feed(
+    client: redis.Redis, system: str, send: Callable[[str, int], None], window: float, rate_in: int
+) -> dict[int, dict[str, float]]:
+    """Warm `system` up, then feed it each rate's schedule (`send(key, due_ms)` submits one
+    request whose handler records its lateness under `key`, `rate_in` submits a second) and
+    collect the lateness, by rate."""
+    warm = f"bench:late:{system}:warm"
+    warm_up(client, warm, lambda due_ms: send(warm, due_ms))
+    results: dict[int, dict[str, float]] = {}
+    for rate in RATES:
+        key = f"bench:late:{system}:{rate}"
+        due = schedule(rate, window, submit_rate=rate_in)
+        for due_ms in due:
+            send(key, due_ms)
+        submitted_in_time(due, system, rate)
+        results[rate] = collect(client, key, due)
+    return results
+
+
 def submitted_in_time(due: list[int], system: str, rate: int) -> None:
     """Say so if submitting overran the schedule's start: the early dues were then late
     before they reached the system."""
@@ -147,27 +166,20 @@ def run_bgqueue(url: str, window: float, background: int) -> dict[int, dict[str,
         interval=0.1,
     )
     env = common.service_env(url)
-    results = {}
     with common.processes() as procs:
         procs.append(common.start_process(common.python_argv("-m", "bgqueue", "beat"), env, "beat"))
         worker = ["worker", "--app", "lateness_app:app", "--name", "late", "--concurrency", "2"]
         worker += ["--loglevel", "WARNING"]
         procs.append(common.start_process(common.python_argv("-m", "bgqueue", *worker), env))
         common.wait_until(app.live_workers, 60, "a live bgqueue worker")
-        count = iter(range(10**9))
-        warm_up(
+        scopes = (f"s{i}" for i in range(10**9))
+        return feed(
             client,
-            "bench:late:bgqueue:warm",
-            lambda due: bgqueue_submit(app, "bench:late:bgqueue:warm", due, f"w{next(count)}"),
+            "bgqueue",
+            lambda key, due_ms: bgqueue_submit(app, key, due_ms, next(scopes)),
+            window,
+            rate_in=400,
         )
-        for rate in RATES:
-            key = f"bench:late:bgqueue:{rate}"
-            due = schedule(rate, window, submit_rate=400)
-            for i, due_ms in enumerate(due):
-                bgqueue_submit(app, key, due_ms, f"r{rate}-{i}")
-            submitted_in_time(due, "bgqueue", rate)
-            results[rate] = collect(client, key, due)
-    return results
 
 
 # -- Celery --------------------------------------------------------------------------
@@ -180,7 +192,6 @@ def run_celery(url: str, window: float) -> dict[int, dict[str, float]]:
     argv = ["celery", "-A", "lateness_app:celery", "worker", "-c", "2", "-P", "prefork"]
     argv += ["-Q", lateness_app.CELERY_QUEUE, "--without-mingle", "--without-gossip"]
     argv += ["--loglevel", "WARNING"]
-    results = {}
     with common.processes() as procs:
         procs.append(common.start_process(common.python_argv("-m", *argv), common.service_env(url)))
 
@@ -188,15 +199,7 @@ def run_celery(url: str, window: float) -> dict[int, dict[str, float]]:
             eta = datetime.fromtimestamp(due_ms / 1000, UTC)
             tick.apply_async(args=[key, due_ms], eta=eta)
 
-        warm_up(client, "bench:late:celery:warm", lambda due: send("bench:late:celery:warm", due))
-        for rate in RATES:
-            key = f"bench:late:celery:{rate}"
-            due = schedule(rate, window, submit_rate=200)
-            for due_ms in due:
-                send(key, due_ms)
-            submitted_in_time(due, "celery", rate)
-            results[rate] = collect(client, key, due)
-    return results
+        return feed(client, "celery", send, window, rate_in=200)
 
 
 # -- RQ ------------------------------------------------------------------------------
@@ -208,7 +211,6 @@ def run_rq(url: str, window: float) -> dict[int, dict[str, float]]:
     rq = str(Path(sys.executable).with_name("rq"))  # rq has no `python -m rq`
     argv = [rq, "worker", "--with-scheduler", "-w", "rq.worker.SimpleWorker", "-u", url]
     argv += ["-q", lateness_app.RQ_QUEUE]
-    results = {}
     with common.processes() as procs:
         env = common.service_env(url)
         for i in range(2):  # concurrency 2, as the others
@@ -218,15 +220,7 @@ def run_rq(url: str, window: float) -> dict[int, dict[str, float]]:
             when = datetime.fromtimestamp(due_ms / 1000, UTC)
             queue.enqueue_at(when, lateness_app.rq_tick, key, due_ms)
 
-        warm_up(client, "bench:late:rq:warm", lambda due: send("bench:late:rq:warm", due))
-        for rate in RATES:
-            key = f"bench:late:rq:{rate}"
-            due = schedule(rate, window, submit_rate=200)
-            for due_ms in due:
-                send(key, due_ms)
-            submitted_in_time(due, "rq", rate)
-            results[rate] = collect(client, key, due)
-    return results
+        return feed(client, "rq", send, window, rate_in=200)
 
 
 # -- the section ---------------------------------------------------------------------

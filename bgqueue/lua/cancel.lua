@@ -30,7 +30,8 @@ else
   end
 end
 
--- Read and check everything first: a script that fails half-way keeps its first writes.
+-- Read and check everything first (wrong_type: a script that fails half-way keeps its
+-- first writes).
 local records, foreign = {}, {}
 local wanted = {[KEYS[17]] = 'zset', [KEYS[19]] = 'list', [KEYS[20]] = 'hash'}
 for _, id in ipairs(ids) do
@@ -45,10 +46,8 @@ for _, id in ipairs(ids) do
     end
   end
 end
-for k, kind in pairs(wanted) do
-  local found = redis.call('TYPE', k)['ok']
-  if found ~= 'none' and found ~= kind then return {'foreign', k, found} end
-end
+local wrong, found = wrong_type(wanted)
+if wrong then return {'foreign', wrong, found} end
 for _, entry in ipairs(foreign) do
   redis.call('HDEL', key, entry[1])
   dead_letter(KEYS[21], key .. ' ' .. entry[1], entry[2] .. '; removed by a cancel', entry[3])

@@ -94,10 +94,8 @@ for _, old in pairs(stored) do
     wanted[KEYS[17]] = 'zset'
   end
 end
-for k, kind in pairs(wanted) do
-  local found_type = redis.call('TYPE', k)['ok']
-  if found_type ~= 'none' and found_type ~= kind then return {'foreign', k, found_type} end
-end
+local wrong, found_type = wrong_type(wanted)
+if wrong then return {'foreign', wrong, found_type} end
 for _, entry in ipairs(foreign) do
   dead_letter(KEYS[20], key .. ' ' .. entry[1], entry[2] .. '; replaced by a submit', entry[3])
 end

@@ -10,6 +10,9 @@
 -- true if it did.
 -- request_record(raw): a request record (lua/submit.lua's layout) decoded, or nil and
 -- why it is not one.
+-- wrong_type(wanted): for a table key -> type, the first key holding another type (and
+-- that type), or nil: a script checks what it will write before its first write, since
+-- one that fails half-way keeps what it wrote.
 
 local DEAD_LETTER_CAP, DEAD_LETTER_RAW = 1000, 4096
 
@@ -60,4 +63,12 @@ local function request_record(raw)
     return nil, 'request record has the wrong shape (k, s, r, e, pl, a)'
   end
   return rec
+end
+
+local function wrong_type(wanted)
+  for k, kind in pairs(wanted) do
+    local found = redis.call('TYPE', k)['ok']
+    if found ~= 'none' and found ~= kind then return k, found end
+  end
+  return nil
 end
