@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -310,13 +311,14 @@ def check_subscription(event: object, callback: object) -> None:
 
 class CancelListener:
     """The producer's side of `app.on("continuousTaskCancel", ...)`: a daemon thread
-    subscribed to the app's cancel channel calls every callback with a
-    ContinuousTaskCancelInfo. As on HarmonyOS, a cancel announced while nobody listens
-    is not kept for later."""
+    subscribed to the app's cancel channel hands each ContinuousTaskCancelInfo to every
+    callback's own delivery thread (`_Mailbox`), so a slow callback delays neither the
+    subscription nor the other callbacks. As on HarmonyOS, a cancel announced while nobody
+    listens is not kept for later."""
 
     def __init__(self, app: BackgroundApp) -> None:
         self.app = app
-        self.callbacks: list[CancelCallback] = []
+        self.mailboxes: dict[CancelCallback, _Mailbox] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -326,17 +328,18 @@ class CancelListener:
         with self._lock:
             if self._thread is None:
                 self._start()
-            if callback not in self.callbacks:
-                self.callbacks.append(callback)
+            if callback not in self.mailboxes:
+                self.mailboxes[callback] = _Mailbox(callback)
 
     def remove(self, callback: CancelCallback | None = None) -> None:
         """Unregister one callback, or all; the thread ends with the last one."""
         with self._lock:
-            if callback is None:
-                self.callbacks.clear()
-            elif callback in self.callbacks:
-                self.callbacks.remove(callback)
-            if not self.callbacks and self._thread is not None:
+            gone = list(self.mailboxes) if callback is None else [callback]
+            for each in gone:
+                mailbox = self.mailboxes.pop(each, None)
+                if mailbox is not None:
+                    mailbox.close()
+            if not self.mailboxes and self._thread is not None:
                 self._stopping.set()
                 self._thread = None
 
@@ -388,10 +391,38 @@ class CancelListener:
             log.warning("ignoring a malformed cancel event: %r", data[:200])
             return
         with self._lock:
-            callbacks = list(self.callbacks)
-        for callback in callbacks:
+            mailboxes = list(self.mailboxes.values())
+        for mailbox in mailboxes:
+            mailbox.put(info)
+
+
+class _Mailbox:
+    """One callback's queue of cancel events and the daemon thread that calls it with
+    them, in order. Bounded: a callback that stops returning loses the newest events (with
+    a warning) instead of growing the producer's memory without end."""
+
+    LIMIT = 1000
+
+    def __init__(self, callback: CancelCallback) -> None:
+        self.callback = callback
+        self.events: queue.Queue[ContinuousTaskCancelInfo | None] = queue.Queue(self.LIMIT)
+        threading.Thread(target=self._loop, name="bgqueue-cancel-callback", daemon=True).start()
+
+    def put(self, info: ContinuousTaskCancelInfo) -> None:
+        try:
+            self.events.put_nowait(info)
+        except queue.Full:
+            log.warning("a %s callback is %d events behind; dropped one", CANCEL_EVENT, self.LIMIT)
+
+    def close(self) -> None:
+        """End the delivery thread once it has delivered what it holds."""
+        with contextlib.suppress(queue.Full):
+            self.events.put_nowait(None)
+
+    def _loop(self) -> None:
+        while (info := self.events.get()) is not None:
             try:
-                callback(info)
+                self.callback(info)
             except Exception:
                 log.exception("a %s callback raised", CANCEL_EVENT)
 

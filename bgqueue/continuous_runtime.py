@@ -5,16 +5,14 @@ thread renews the run's lease every heartbeat interval and, from what the renewa
 back, hands the handler mode updates and stops (`task.stopped`): the app's stop, a system
 cancel, or a handover when the worker shuts down. It cancels a DATA_TRANSFER task whose
 progress stalls, and terminates a handler that ignores a stop for longer than the grace
-(`Limits.expiration_warning`) by killing its pool process, as `runtime.py` does.
+(`Limits.expiration_warning`) by killing its pool process (bgqueue/body.py).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery, signals
 
 from bgqueue import deadletter, runtime
+from bgqueue.body import Body, TaskTerminated
 from bgqueue.continuous import CELERY_TASK, ContinuousTask, ContinuousTaskCancelReason
 from bgqueue.modes import BackgroundMode
 
@@ -109,8 +108,8 @@ class ContinuousRun:
         self.abandoned = False  # beat gave the run up (lease lapsed) and restarted the task
         self._ended = False
         self._lock = threading.Lock()
-        self._returned = threading.Event()
-        self._body_thread = threading.get_ident()
+        self.body = Body()
+        self._returned = self.body.returned
         self._sent_progress: tuple[int, int] | None = None
 
     def execute(self, handler: Callable[..., Any], task: ContinuousTask) -> dict[str, Any]:
@@ -121,15 +120,16 @@ class ContinuousRun:
         watchdog.start()
         reason, message = 0, ""
         try:
-            handler(task)
-        except runtime.TaskTerminated:
+            try:
+                handler(task)
+            finally:
+                self.body.leave()
+        except TaskTerminated:
             pass
         except Exception as exc:  # the handler's failure ends the task, not the worker
             log.exception("continuous handler of %s raised", self.ability)
             reason = ContinuousTaskCancelReason.SYSTEM_CANCEL
             message = f"{type(exc).__name__}: {exc}"
-        finally:
-            self._returned.set()
         outcome = self.end(reason, message[:500])
         return {"outcome": outcome, "ability": self.ability, "restarts": task.restarts}
 
@@ -224,11 +224,5 @@ class ContinuousRun:
         log.warning("terminating continuous task %s (run %s): %s", self.ability, self.gen, why)
         if not self.abandoned:
             self.end(0, why)
-        if self._returned.is_set():
-            return
-        if runtime.context.pool_process:
-            os.kill(os.getpid(), signal.SIGKILL)  # Celery's prefork pool replaces the process
-        # Solo or thread pools share the process: interrupt the handler's thread instead.
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(self._body_thread), ctypes.py_object(runtime.TaskTerminated)
-        )
+        if not self._returned.is_set():
+            self.body.kill()

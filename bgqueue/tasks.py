@@ -7,9 +7,11 @@ keeping lives in `runtime.py`; this module is only the handler's view.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from bgqueue import efficiency
@@ -40,6 +42,9 @@ class BGTask:
         self.on_completed: Callable[[bool], None] | None = None
         # The app the task runs for, set by the runtime (None for a task built by hand).
         self.app: BackgroundApp | None = None
+        # Wraps bgqueue's own calls from the handler's thread, set by the runtime: a
+        # watchdog's interrupt waits until they are done (bgqueue/body.py).
+        self.guard: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
 
     @property
     def expiration_handler(self) -> Callable[[], None] | None:
@@ -59,7 +64,8 @@ class BGTask:
         if self.app is None:
             efficiency.check_type(resource)
             return False
-        return efficiency.granted(self.app, resource)
+        with self.guard():
+            return efficiency.granted(self.app, resource)
 
     def set_task_completed(self, success: bool) -> None:
         """Report the outcome; the first report wins, later ones are ignored."""
@@ -71,7 +77,8 @@ class BGTask:
             self.success = success
             self.completed.set()
         if self.on_completed is not None:
-            self.on_completed(success)
+            with self.guard():
+                self.on_completed(success)
 
     # -- transient delays (HarmonyOS requestSuspendDelay; bgqueue/transient.py) --
 
@@ -84,7 +91,8 @@ class BGTask:
         runs (from another thread) `expiration_warning` before the delay ends. At most
         `transient_max_concurrent` delays per scope at once, else, or with the quota used up,
         TransientTaskVerificationFailed (9900002)."""
-        return self._delays().request(reason, callback)
+        with self.guard():
+            return self._delays().request(reason, callback)
 
     def get_remaining_delay_time(self, request_id: int) -> int:
         """Milliseconds left of one of this task's delays; an id that is not one of them is
@@ -94,7 +102,8 @@ class BGTask:
     def cancel_suspend_delay(self, request_id: int) -> None:
         """End a delay now: only the time it held the task past its deadline is charged.
         The deadline falls back to what the task would have had without it."""
-        self._delays().cancel(request_id)
+        with self.guard():
+            self._delays().cancel(request_id)
 
     def _delays(self) -> RunDelays:
         if self.delays is None:

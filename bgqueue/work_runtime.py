@@ -1,23 +1,24 @@
 """Running a work in a worker's pool process (the worker side of bgqueue/works.py).
 
-`on_work_start` runs in the pool process's main thread; a watchdog thread renews the
-run's lease, watches for `stop_work`, and at the run limit calls `on_work_stop`, records
-the run as timed out and, if the body does not return, ends the pool process.
+`on_work_start` runs in the pool process's main thread (the body); a watchdog renews the
+run's lease and watches for `stop_work`. At the run limit or on `stop_work` it hands
+`on_work_stop` to a callback thread (bgqueue/threads.py: user code never holds the lease
+or the limit), gives the body STOP_GRACE to return, records the end (timed out, at the
+limit) and kills a body that is still running (bgqueue/body.py).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import os
-import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from bgqueue import deadletter, efficiency, runtime
+from bgqueue.body import Body, TaskTerminated
 from bgqueue.conditions import matches_work
+from bgqueue.threads import call_user, threads
 from bgqueue.works import MAX_WORK_ID, WORK_TASK, WorkInfo, WorkSchedulerExtension
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ log = logging.getLogger("bgqueue.works")
 # `Limits.work_run_limit` (DESIGN.md §4): charging, and on battery.
 GRANTED_RUN_LIMIT_CHARGING = 1200.0
 GRANTED_RUN_LIMIT = 600.0
-STOP_GRACE = 1.0  # seconds a body may take to return after on_work_stop before it is ended
+STOP_GRACE = 1.0  # seconds a body may take to return once stopped, before it is killed
 
 # The arguments of a work's message, as beat sends them (keywords only).
 ARGUMENTS: dict[str, deadletter.Check] = {
@@ -120,8 +121,7 @@ class WorkRun:
         self._lock = threading.Lock()
         self._ended = False
         self._stopping = False  # the watchdog is stopping the run and will record its end
-        self._returned = threading.Event()
-        self._body_thread = threading.get_ident()
+        self.body: Body | None = None
 
     def copy(self) -> WorkInfo:
         """A fresh WorkInfo for a handler call: what a handler changes stays its own."""
@@ -134,20 +134,19 @@ class WorkRun:
         except Exception as exc:
             self._body_ended(_describe(exc))
             return self._summary()
-        watchdog = threading.Thread(
-            target=self._watch, name=f"bgqueue-work-{self.info.work_id}", daemon=True
-        )
-        watchdog.start()
+        self.body = body = Body()
+        threads.spawn(self._watch, f"bgqueue-work {self.info.work_id}")
         reason = ""
         try:
-            self.extension.on_work_start(self.copy())
-        except runtime.TaskTerminated:
+            try:
+                self.extension.on_work_start(self.copy())
+            finally:
+                body.leave()
+        except TaskTerminated:
             pass  # the watchdog ended the run
         except Exception as exc:  # the handler's failure ends the run, not the worker
             log.exception("on_work_start of work %s raised", self.info.work_id)
             reason = _describe(exc)
-        finally:
-            self._returned.set()
         self._body_ended(reason)
         return self._summary()
 
@@ -174,10 +173,12 @@ class WorkRun:
     # -- watchdog -----------------------------------------------------------------
 
     def _watch(self) -> None:
+        assert self.body is not None
         interval = self.app.settings.heartbeat_interval
         deadline = time.monotonic() + self.limit
         next_renew = time.monotonic() + interval
-        while not self._returned.wait(max(0.0, min(next_renew, deadline) - time.monotonic())):
+        returned = self.body.returned
+        while not returned.wait(max(0.0, min(next_renew, deadline) - time.monotonic())):
             now = time.monotonic()
             if now >= deadline:
                 self._stop(f"run limit of {self.limit:g} s reached", timed_out=True)
@@ -204,33 +205,25 @@ class WorkRun:
         return bool(alive), bool(stop)
 
     def _stop(self, reason: str | None, timed_out: bool = False) -> None:
-        """Call on_work_stop, record the end (reason None: the sweep already did), and end
-        a body that does not return by itself."""
+        """Hand on_work_stop to a callback thread, give the body STOP_GRACE to return, then
+        record the end (reason None: the sweep already did) and kill a body still running.
+        A slow on_work_stop moves none of this."""
+        assert self.body is not None and self.extension is not None
         with self._lock:
-            if self._ended or self._returned.is_set():
+            if self._ended or self.body.returned.is_set():
                 return
             self._stopping = True
         self.timed_out = timed_out
-        assert self.extension is not None
-        try:
-            self.extension.on_work_stop(self.copy())
-        except Exception:
-            log.exception("on_work_stop of work %s raised", self.info.work_id)
+        extension, work = self.extension, self.copy()
+        call_user(f"on_work_stop of work {self.info.work_id}", lambda: extension.on_work_stop(work))
+        self.body.returned.wait(STOP_GRACE)
         with self._lock:
             self._ended = True
         if reason is not None:
             self._record(reason)
-        if not self._returned.wait(STOP_GRACE):
-            self._terminate()
-
-    def _terminate(self) -> None:
-        log.warning("terminating work %s (run %s)", self.info.work_id, self.gen)
-        if runtime.context.pool_process:
-            os.kill(os.getpid(), signal.SIGKILL)  # Celery's prefork pool replaces the process
-        # Solo or thread pools share the process: interrupt the body's thread instead.
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(self._body_thread), ctypes.py_object(runtime.TaskTerminated)
-        )
+        if not self.body.returned.is_set():
+            log.warning("terminating work %s (run %s)", self.info.work_id, self.gen)
+            self.body.kill()
 
 
 def _describe(exc: BaseException) -> str:

@@ -25,7 +25,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request
 from kombu.transport import redis as kombu_redis
 
-from bgqueue import conditions, continuous_runtime, deadletter, runtime, work_runtime
+from bgqueue import body, conditions, continuous_runtime, deadletter, runtime, work_runtime
 from bgqueue.celery_config import celery_config
 from bgqueue.errors import TaskExpired, TaskFailed, TaskOutcomeError, TaskUnsuccessful
 from bgqueue.keys import AppKeys
@@ -143,7 +143,7 @@ def recorded_outcome(
 class RunRequest(Request):  # type: ignore[misc]
     """A run's message in the worker's main process. A run whose body had to be stopped
     reports its outcome first; then its pool process is retired and replaced
-    (runtime.INTERRUPT_SIGNAL), from here, before the pool can hand that process another
+    (bgqueue/body.py), from here, before the pool can hand that process another
     message. (A body stopped after it completed successfully keeps its process.)"""
 
     def on_failure(
@@ -155,7 +155,7 @@ class RunRequest(Request):  # type: ignore[misc]
             exc = getattr(exc_info, "exception", None)
             exc = getattr(exc, "exc", exc)  # billiard's ExceptionWithTraceback wraps it
             if isinstance(exc, TaskOutcomeError) and exc.body_stopped:
-                runtime.retire_pool_process(self.worker_pid)
+                body.retire_pool_process(self.worker_pid)
 
 
 # Sent by `Consumer` for a message on a bgqueue queue whose body cannot be decoded.
@@ -334,7 +334,7 @@ class Heartbeat:
                 heartbeat.setup(sender, instance)
 
         def pool_process_init(**_: Any) -> None:
-            runtime.context.pool_process = True
+            body.pool.is_pool_process = True
 
         def shutting_down(sender: Any = None, **_: Any) -> None:
             # A warm shutdown (SIGTERM) stops consuming at once and lets running tasks end

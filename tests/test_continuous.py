@@ -156,6 +156,37 @@ def test_refusals_have_their_codes_and_change_nothing(app: bg.BackgroundApp) -> 
     assert [wifi.background_modes, call.background_modes] == [[Mode.WIFI_INTERACTION], [Mode.VOIP]]
 
 
+def test_a_slow_cancel_callback_delays_no_other(app: bg.BackgroundApp) -> None:
+    """Each `continuousTaskCancel` callback has a delivery thread of its own: one that takes
+    a second per event holds up neither the subscription nor the other callbacks, and still
+    gets every event, in order. (Delivered from the listening thread, the fast callback got
+    each event only after the slow one had returned from the one before.)"""
+    slow_seen: list[str] = []
+    fast_seen: list[tuple[str, float]] = []
+
+    def slow(info: bg.ContinuousTaskCancelInfo) -> None:
+        time.sleep(1.0)
+        slow_seen.append(info.ability_name)
+
+    app.on("continuousTaskCancel", slow)
+    app.on("continuousTaskCancel", lambda info: fast_seen.append((info.ability_name, time.time())))
+    abilities = ["download", "upload", "player"]
+    k = app.keys
+    script_keys = [k.continuous, k.continuous_pending, k.continuous_leases]
+    sent = []
+    for ability in abilities:  # no worker: each waits pending, and a system cancel removes it
+        app.start_background_running(ability, [Mode.DATA_TRANSFER])
+        reason = int(Reason.SYSTEM_CANCEL)
+        sent.append(time.time())
+        app.call("continuous_stop", script_keys, [ability, "", reason, k.continuous_cancel, "x"])
+    wait_for(lambda: len(fast_seen) == 3, 5, "the fast callback's three events")
+    assert [name for name, _ in fast_seen] == abilities
+    late = [at - when for (_, at), when in zip(fast_seen, sent, strict=True)]
+    assert max(late) < 0.5, f"the fast callback got events {late} s after they were sent"
+    wait_for(lambda: len(slow_seen) == 3, 10, "the slow callback's three events")
+    assert slow_seen == abilities
+
+
 # --- running -----------------------------------------------------------------------------
 
 

@@ -299,6 +299,36 @@ def test_overrunning_body_is_terminated_and_worker_keeps_serving(
     assert len(runs(sample_app.scheduler, REFRESH)) == 1
 
 
+def test_slow_expiration_handler_holds_neither_the_lease_nor_the_deadline(
+    cluster: Cluster, sample_app: bg.BackgroundApp, redis_client: redis.Redis
+) -> None:
+    """An expiration handler that takes 4 s, longer than the 1.5 s run lease, runs in a
+    thread of its own: the watchdog renews the lease meanwhile and stops the body at its
+    3 s deadline. The run is recorded expired at the deadline, once, and is never given up
+    as lost and run again while its worker lives. (When the handler ran on the watchdog
+    thread, the request started three times and its run was recorded 'worker lost'.)"""
+    cluster.beat()
+    cluster.worker("w1", env=BUDGET_ENV)
+    payload = {"sleep": 7, "expiration": "slow", "expiration_sleep": 4}
+    sample_app.scheduler.submit(bg.AppRefreshTaskRequest(REFRESH, payload=payload))
+    start = started(redis_client, REFRESH)
+    record = finished(sample_app.scheduler, REFRESH, timeout=10)
+    assert (record.state, record.success) == ("expired", False), record.reason
+    took = duration(record)
+    assert REFRESH_BUDGET - 0.05 <= took <= REFRESH_BUDGET + 0.5, f"expired after {took:.3f}s"
+    wait_for(lambda: pid_gone(start["pid"]), 5, "the overrunning body to stop")
+    # Past the lease the blocked watchdog would have let lapse, and beat's sweep: one run.
+    assert_holds(
+        lambda: (
+            len(events(redis_client, "start", REFRESH)) == 1
+            and [r.state for r in runs(sample_app.scheduler, REFRESH)] == ["expired"]
+        ),
+        2.5,
+        "one start and one expired record",
+    )
+    assert not events_of(redis_client, "end", REFRESH, start["gen"])
+
+
 def test_overrun_without_expiration_handler_ends_unsuccessful(
     cluster: Cluster, sample_app: bg.BackgroundApp, redis_client: redis.Redis
 ) -> None:

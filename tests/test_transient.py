@@ -11,6 +11,7 @@ with a deadline.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -182,6 +183,29 @@ def test_delay_moves_the_deadline_and_the_watchdog_follows_it(
     assert info.transient_tasks == []
     held = (ends - (begin["t"] + BUDGET)) * 1000  # from the 2 s deadline to the delay's end
     assert abs(QUOTA - info.remaining_quota - held) <= MS_SLACK, info
+
+
+def test_slow_delay_callback_holds_neither_the_lease_nor_the_deadline(
+    cluster: Cluster, tapp: bg.BackgroundApp, redis_client: redis.Redis
+) -> None:
+    """A delay callback that takes 3 s, longer than the 1.5 s run lease, runs in a thread of
+    its own: the run is still expired at its delay's end, once, and never given up as lost
+    and run again. (When it ran on the watchdog thread, the deadline passed unenforced and
+    the lapsed lease sent the request to run a second time.)"""
+    start(cluster, "w1")
+    steps = [{"do": "request", "as": "s", "slow": 3}, {"do": "until", "t": 30}]
+    submit(tapp, "slow", A, steps=steps, expiration="record")
+    overran = finished(tapp, "slow")
+    assert (overran.state, overran.success) == ("expired", False), overran.reason
+    granted = first(redis_client, "slow", "granted")
+    ends = granted["asked"] + DELAY
+    assert overran.finished_at is not None
+    killed = overran.finished_at.timestamp()
+    assert ends - 0.05 <= killed <= ends + SLACK, f"expired {killed - ends:+.3f}s from the end"
+    assert len(events(redis_client, "slow", "delay_warning")) == 1
+    wait_for(lambda: time.time() >= ends + 2, 10, "two seconds past the delay's end")
+    assert len(events(redis_client, "slow", "start")) == 1
+    assert [r.state for r in tapp.scheduler_for("slow").history()] == ["expired"]
 
 
 # --- request ids ----------------------------------------------------------------------

@@ -357,6 +357,29 @@ def test_repeat_cycle_count_run_limit_and_missing_handler(
     assert "no WorkSchedulerExtension registered for 'no-such-handler'" in proc.log()
 
 
+def test_slow_on_work_stop_holds_neither_the_lease_nor_the_run_limit(
+    fast: Cluster, app: bg.BackgroundApp
+) -> None:
+    """An on_work_stop that takes 4 s, longer than the 1.5 s run lease, runs in a thread of
+    its own: at the 2 s run limit the body gets STOP_GRACE to return, then the run is
+    recorded timed out and its body killed, once; the work never runs a second time.
+    (When on_work_stop ran on the watchdog thread, the lease lapsed meanwhile and beat ran
+    the work again.)"""
+    client = fast.client
+    worker(fast, "w1")
+    fast.beat()
+    app.start_work(one_shot(1, parameters={"sleep": 30, "cooperative": True, "stop_sleep": 4}))
+    begun = wait_for(lambda: events(client, "start", 1), 15, "the run")[0]
+    wait_for(lambda: work_ids(app) == [], 10, "the run's end to be recorded")
+    last = json.loads(client.hget(f"bgqueue:{{{APP_ID}}}:work:last", "1") or b"{}")
+    took = (last["fa"] - last["sa"]) / 1000
+    assert RUN_LIMIT <= took <= RUN_LIMIT + 1.0 + 0.5, f"recorded after {took:.2f}s"
+    assert app.is_last_work_time_out(1) is True
+    wait_for(lambda: time.time() >= begun["t"] + RUN_LIMIT + 4.5, 10, "on_work_stop's 4 s")
+    assert len(events(client, "start", 1)) == 1
+    assert events(client, "end", 1) == []  # killed before its slow wrap-up released it
+
+
 def test_stop_work_keeps_a_repeating_work_cancel_removes_it(
     fast: Cluster, app: bg.BackgroundApp
 ) -> None:

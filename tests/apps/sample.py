@@ -48,7 +48,8 @@ def record(task: bg.BGTask, event: str, **extra: Any) -> None:
 
 
 def behave(task: bg.BGTask) -> None:
-    """Payload keys: sleep (s), complete (bool), expiration ('complete'|'record'),
+    """Payload keys: sleep (s), complete (bool), expiration ('complete'|'record'|'slow', with
+    expiration_sleep s),
     raise (message), progress ({"every": s, "steps": n}) for continued processing."""
     spec: dict[str, Any] = task.payload or {}
     record(task, "start", payload=spec)
@@ -61,6 +62,14 @@ def behave(task: bg.BGTask) -> None:
         task.expiration_handler = expire
     elif spec.get("expiration") == "record":
         task.expiration_handler = lambda: record(task, "expiration")
+    elif spec.get("expiration") == "slow":  # a handler that flushes, joins, takes its time
+
+        def slow() -> None:
+            record(task, "expiration")
+            time.sleep(spec["expiration_sleep"])
+            record(task, "expiration_done")
+
+        task.expiration_handler = slow
     if "progress" in spec and isinstance(task, bg.ContinuedProcessingTask):
         task.progress.total_unit_count = spec["progress"]["steps"]
         for step in range(spec["progress"]["steps"]):

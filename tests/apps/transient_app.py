@@ -69,15 +69,23 @@ class Player:
             return int(app.client.hget(IDS, alias))  # another task's delay
         return self.ids[alias]
 
-    def callback(self, alias: str) -> Callable[[], None]:
-        return lambda: record(self.task, "delay_warning", alias=alias)
+    def callback(self, alias: str, slow: float = 0) -> Callable[[], None]:
+        def warned() -> None:
+            record(self.task, "delay_warning", alias=alias)
+            time.sleep(slow)  # a callback that takes its time
+
+        return warned
 
     def play(self, step: dict[str, Any]) -> None:
         op, task = step["do"], self.task
         if op == "request":
             alias = step["as"]
             reason = step.get("reason", f"finish {alias}")
-            callback: Any = step["callback"] if "callback" in step else self.callback(alias)
+            callback: Any = (
+                step["callback"]
+                if "callback" in step
+                else self.callback(alias, step.get("slow", 0))
+            )
             asked = time.time()
             info = task.request_suspend_delay(reason, callback)
             self.ids[alias] = info.request_id

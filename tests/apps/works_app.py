@@ -40,8 +40,8 @@ def record(work: bg.WorkInfo, event: str, **extra: Any) -> None:
 
 @app.work("record")
 class Record(bg.WorkSchedulerExtension):
-    """Parameters: sleep (s); cooperative (bool): on_work_stop ends the sleep early;
-    raise (message): on_work_start raises after its sleep."""
+    """Parameters: sleep (s); cooperative (bool): on_work_stop ends the sleep early (after
+    stop_sleep s); raise (message): on_work_start raises after its sleep."""
 
     def __init__(self) -> None:
         self.stopped = threading.Event()
@@ -60,4 +60,5 @@ class Record(bg.WorkSchedulerExtension):
 
     def on_work_stop(self, work: bg.WorkInfo) -> None:
         record(work, "stop")
+        time.sleep(float(work.parameters.get("stop_sleep", 0)))  # a slow wrap-up
         self.stopped.set()
