@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
@@ -19,7 +18,6 @@ import redis
 from bgqueue import continuous as continuous_tasks
 from bgqueue import efficiency, keys, transient, works
 from bgqueue.broker import connect, resolve_broker_url, service_errors
-from bgqueue.conditions import profiles, satisfies
 from bgqueue.errors import NotPermitted, NotSystemApp, ParameterError
 from bgqueue.limits import Limits
 from bgqueue.modes import BackgroundMode
@@ -149,27 +147,39 @@ class BackgroundApp:
         return self._scripts
 
     def call(
-        self, script: str, script_keys: Sequence[str], args: Sequence[Any], wake: bool = False
+        self,
+        script: str,
+        script_keys: Sequence[str],
+        args: Sequence[Any],
+        wake: bool = False,
+        announce: bool = False,
     ) -> Any:
-        """Run one Lua script; with `wake`, also wake beat in the same round trip.
+        """Run one Lua script; with `wake`, also wake beat, and with `announce`, also name
+        the app in `bgqueue:apps` (so that submitting alone makes an app known to beat),
+        in the same round trip.
 
-        The wake is a PUBLISH: it touches no key, so a refused call still changes nothing.
+        Neither extra touches the app's keys: a refused call still changes nothing of them.
         """
         lua = getattr(self.scripts, script)
         with service_errors(self.broker_url):
-            if not wake:
+            if not (wake or announce):
                 return lua(keys=script_keys, args=args)
             try:
-                return self._evalsha_and_wake(lua.sha, script_keys, args)
+                return self._evalsha_and(lua.sha, script_keys, args, wake, announce)
             except redis.exceptions.NoScriptError:  # Redis restarted: its script cache is empty
                 self.client.script_load(lua.script)
-                return self._evalsha_and_wake(lua.sha, script_keys, args)
+                return self._evalsha_and(lua.sha, script_keys, args, wake, announce)
 
-    def _evalsha_and_wake(self, sha: str, script_keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def _evalsha_and(
+        self, sha: str, script_keys: Sequence[str], args: Sequence[Any], wake: bool, announce: bool
+    ) -> Any:
         # EVALSHA by hand: redis-py's pipelined scripts cost a SCRIPT EXISTS round trip each.
         with self.client.pipeline(transaction=False) as pipe:
             pipe.evalsha(sha, len(script_keys), *script_keys, *args)
-            pipe.publish(keys.BEAT_WAKE, self.app_id)
+            if wake:
+                pipe.publish(keys.BEAT_WAKE, self.app_id)
+            if announce:
+                pipe.sadd(keys.APPS, self.app_id)
             return pipe.execute()[0]
 
     def service(self) -> AbstractContextManager[None]:
@@ -177,7 +187,8 @@ class BackgroundApp:
         return service_errors(self.broker_url)
 
     def announce(self) -> None:
-        """Make the app known to beat, once per process, after its first accepted change."""
+        """Make the app known to beat, once per process (workers; producers name the app
+        with every submit)."""
         if not self._announced:
             with service_errors(self.broker_url):
                 self.client.sadd(keys.APPS, self.app_id)
@@ -241,42 +252,14 @@ class BackgroundApp:
 
     def _workers(self) -> tuple[int, dict[str, tuple[bool, dict[str, Any]]]]:
         """The server's clock (ms) and every recently seen worker."""
-        forget_ms = int(self.settings.heartbeat_timeout * 1000 * 60)
-        raw = self.call("workers", [self.keys.workers, self.keys.alive], [forget_ms])
+        k = self.keys
+        script_keys = [k.workers, k.alive, k.classes, k.classlive, k.deadletter]
+        raw = self.call("workers", script_keys, [0])
         now = int(raw[0])
         result: dict[str, tuple[bool, dict[str, Any]]] = {}
-        for i in range(1, len(raw), 3):
+        for i in range(3, len(raw), 3):
             result[raw[i].decode()] = (float(raw[i + 1]) > now, json.loads(raw[i + 2]))
         return now, result
-
-    def free_slots(self, profile: int) -> int:
-        """Pool processes that could start a request of this profile now: those of live
-        workers satisfying it, less the runs on them and the requests already waiting to
-        start (dispatched, or due on a profile those workers serve). Read from Redis's
-        records, not heartbeats, so a request accepted a moment ago is counted."""
-        now, known = self._workers()
-        capable = {
-            name: beat
-            for name, (alive, beat) in known.items()
-            if alive and satisfies(beat["conditions"], profile)
-        }
-        if not capable:
-            return 0
-        served = sorted({p for beat in capable.values() for p in profiles(beat["conditions"])})
-        with self.service(), self.client.pipeline(transaction=False) as pipe:
-            pipe.hvals(self.keys.running)
-            pipe.zcard(self.keys.leases)
-            for served_profile in served:
-                pipe.zcount(self.keys.due(served_profile), "-inf", now)
-            running_raw, dispatched, *due = pipe.execute()
-        running = Counter(json.loads(raw)["w"] for raw in running_raw)
-        # The heartbeat's busy count also covers continuous tasks and works holding a process;
-        # the running records cover requests started since that heartbeat.
-        idle = sum(
-            max(0, beat["concurrency"] - max(running[name], beat["busy"]))
-            for name, beat in capable.items()
-        )
-        return int(idle - dispatched - sum(due))
 
     # -- transient delays (bgqueue/transient.py) ----------------------------------------
 

@@ -1,10 +1,17 @@
 """Beat: releases due requests to workers that can run them.
 
-One beat leads at a time, by a renewed lease in Redis; standbys wait to take
-over. The leader sleeps until the next due time or until a submit, a worker's
-arrival or a sweep wakes it; there is no fixed polling of the due sets. Claims are
-atomic per request (claim.lua), so even two leaders at once dispatch each
-request once.
+One beat leads at a time, by a renewed lease in Redis; standbys wait to take over. The
+leader sleeps until a request enters the dispatch window or until a submit, a worker's
+arrival or a sweep wakes it; there is no fixed polling of the due sets.
+
+Each pass serves every app in turn, a bounded amount of work each (one claim batch per
+requirement profile), so one app's or one profile's burst never makes another wait
+behind it. Per app, beat reads its *view* of the live worker classes (bgqueue/worker.py):
+which profiles they satisfy and which handlers they have. A due request goes to the
+queue of a class that can run it; one that no live class has the handler for is parked
+until one arrives. Requests due within the dispatch window are sent ahead, with their
+date as Celery's ETA. Claims are atomic per request (lua/claim.lua), so even two leaders
+at once dispatch each request once.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -27,32 +35,48 @@ from celery import Celery
 from bgqueue import continuous, deadletter, efficiency, keys, logs, works
 from bgqueue.broker import connect
 from bgqueue.celery_config import celery_config
-from bgqueue.conditions import profiles
 from bgqueue.metrics import BeatMetrics
+from bgqueue.requests import PROFILE_COUNT, requirement_names
 from bgqueue.scripts import Scripts
 from bgqueue.settings import Settings
 
 log = logging.getLogger("bgqueue.beat")
 
 # Dispatchers of other kinds of work (continuous tasks, the work scheduler): each module
-# has `dispatch(beat, app, live) -> seconds until it next needs beat` and
-# `sweep(beat, app, live)`, called with the app's live workers' heartbeats.
+# has `dispatch(beat, app) -> seconds until it next needs beat` and `sweep(beat, app, live)`,
+# called with the app's live workers' heartbeats.
 EXTENSIONS: tuple[Any, ...] = (continuous, works, efficiency)
 
-MAX_SLEEP = 5.0  # stays under the client's socket timeout while blocked in BLPOP
+MAX_SLEEP = 5.0  # stays under the client's socket timeout while blocked on wake-ups
+EARLY_MS = 2  # a request due sooner than this goes without an ETA
 
 # Errors of decoding data that is not bgqueue's (json's errors are ValueErrors).
 DATA_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError)
+
+Live = dict[str, dict[str, Any]]  # live workers' heartbeats by name
 
 
 @dataclass
 class Claimed:
     """A request claimed for dispatch, ready to publish."""
 
-    member: str
+    scope: str
+    identifier: str
     gen: int
+    class_id: str
     profile: int
-    begin: int = 0  # ms it may start: its earliest-begin date, or when it became pending
+    date: int = 0  # earliest-begin ms: sent with an ETA if still ahead
+    since: int = 0  # ms it may start: its earliest-begin date, or when it became pending
+
+
+@dataclass
+class View:
+    """An app's live worker classes as beat sees them on one pass."""
+
+    now: int  # Redis's clock, ms
+    classes: frozenset[str]
+    # profile -> identifier -> the live classes that satisfy the profile and have the handler
+    routes: dict[int, dict[str, list[str]]] = field(default_factory=dict)
 
 
 class Beat:
@@ -70,6 +94,10 @@ class Beat:
         self.offset = 0.0  # server clock minus local clock, seconds
         self.dispatched = 0
         self.metrics: BeatMetrics | None = None  # set to serve metrics (metrics.serve_beat)
+        self.known_apps: set[str] = set()  # learnt from wake-ups too
+        self._class_defs: dict[tuple[str, str], dict[str, Any]] = {}
+        self._seen_classes: dict[str, frozenset[str]] = {}
+        self._unpark_from: dict[str, int] = {}  # app -> offset in `parked` still to look at
 
     # -- leadership -----------------------------------------------------------
 
@@ -106,6 +134,7 @@ class Beat:
         # its wake-up waits in the subscription until the next wait.
         wakes = self.client.pubsub(ignore_subscribe_messages=True)
         wakes.subscribe(keys.BEAT_WAKE)
+        self._seen_classes.clear()  # a new leader looks at parked requests afresh
         try:
             while not self.stopping.is_set():
                 if time.monotonic() >= renew_at:
@@ -123,13 +152,20 @@ class Beat:
             if self.metrics is not None:
                 self.metrics.clear()
 
-    @staticmethod
-    def _wait(wakes: Any, timeout: float) -> None:
-        """Sleep until a wake-up message or the timeout, then drop any other queued wake-ups."""
-        if timeout > 0 and wakes.get_message(timeout=timeout) is None:
-            return
-        while wakes.get_message(timeout=0) is not None:
-            pass
+    def _wait(self, wakes: Any, timeout: float) -> None:
+        """Sleep until a wake-up message or the timeout, then take in every queued wake-up.
+        A wake-up names its app, so submitting alone makes an app known to beat."""
+        message = wakes.get_message(timeout=timeout) if timeout > 0 else None
+        while message is not None:
+            if message.get("type") == "message":
+                self._learn(message["data"])
+            message = wakes.get_message(timeout=0)
+
+    def _learn(self, data: Any) -> None:
+        app_id = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+        if app_id not in self.known_apps and keys.is_app_id(app_id):
+            self.known_apps.add(app_id)
+            self.client.sadd(keys.APPS, app_id)
 
     # -- dispatch -------------------------------------------------------------
 
@@ -139,17 +175,18 @@ class Beat:
 
     def apps(self) -> list[keys.AppKeys]:
         """Keys of every app that has submitted or run work on this broker."""
-        return [keys.AppKeys(raw.decode()) for raw in sorted(self.client.smembers(keys.APPS))]
+        self.known_apps |= {raw.decode() for raw in self.client.smembers(keys.APPS)}
+        return [keys.AppKeys(app_id) for app_id in sorted(self.known_apps)]
 
     def dispatch(self) -> float:
-        """Dispatch everything due and runnable; seconds until the next due request."""
+        """One pass: a bounded share of each app's due work, apps in turn. Returns seconds
+        until beat is next needed (0 when some app has more due now)."""
         next_due = float("inf")
         for app in self.apps():
             with self.isolated(app, "dispatch"):
-                live = self.live_workers(app)
-                next_due = min(next_due, self._dispatch_app(app, live))
+                next_due = min(next_due, self._dispatch_app(app))
                 for extension in EXTENSIONS:
-                    next_due = min(next_due, extension.dispatch(self, app, live))
+                    next_due = min(next_due, extension.dispatch(self, app))
         return next_due
 
     @contextlib.contextmanager
@@ -168,61 +205,103 @@ class Beat:
                 "%s of %s met unreadable data: %s: %s", step, app.app_id, type(exc).__name__, exc
             )
 
-    def live_workers(self, app: keys.AppKeys) -> dict[str, dict[str, Any]]:
-        """Heartbeats of the app's live workers, by name (judged on the server's clock)."""
-        forget_ms = int(self.settings.heartbeat_timeout * 1000 * 60)
-        raw = self.scripts.workers(keys=[app.workers, app.alive], args=[forget_ms])
-        now = int(raw[0])
+    def view(self, app: keys.AppKeys) -> View:
+        """The app's live classes and what each can run (class definitions are read once:
+        a class id names its definition)."""
+        raw = self.scripts.view(keys=[app.classlive, app.classes], args=[])
+        now, live = int(raw[0]), frozenset(c.decode() for c in raw[1])
         self.offset = now / 1000 - time.time()
-        return {
-            raw[i].decode(): json.loads(raw[i + 2])
-            for i in range(1, len(raw), 3)
-            if float(raw[i + 1]) > now
-        }
+        unknown = [c for c in live if (app.app_id, c) not in self._class_defs]
+        if unknown:
+            found = self.scripts.view(keys=[app.classlive, app.classes], args=unknown)[2:]
+            for i in range(0, len(found), 2):
+                self._class_defs[(app.app_id, found[i].decode())] = _class_def(found[i + 1])
+        view = View(now, live)
+        for class_id in sorted(live):
+            definition = self._class_defs[(app.app_id, class_id)]
+            for profile in range(PROFILE_COUNT):
+                if definition["m"] >> profile & 1:
+                    routes = view.routes.setdefault(profile, {})
+                    for identifier in definition["h"]:
+                        routes.setdefault(identifier, []).append(class_id)
+        if live - self._seen_classes.get(app.app_id, frozenset()):
+            self._unpark_from[app.app_id] = 0  # a class arrived: its handlers may be awaited
+        self._seen_classes[app.app_id] = live
+        return view
 
-    def _dispatch_app(self, app: keys.AppKeys, live: dict[str, dict[str, Any]]) -> float:
-        eligible = sorted({p for beat in live.values() for p in profiles(beat["conditions"])})
+    def class_of(self, app: keys.AppKeys, heartbeat: dict[str, Any]) -> dict[str, Any]:
+        """The definition of a live worker's class (what it can run), from its heartbeat."""
+        class_id = str(heartbeat.get("class", ""))
+        if (app.app_id, class_id) not in self._class_defs:
+            found = self.scripts.view(keys=[app.classlive, app.classes], args=[class_id])
+            self._class_defs[(app.app_id, class_id)] = _class_def(found[3])
+        return self._class_defs[(app.app_id, class_id)]
+
+    def _dispatch_app(self, app: keys.AppKeys) -> float:
+        view = self.view(app)
         if self.metrics is not None:
-            self.metrics.note_capable(app.app_id, eligible, self.server_ms())
+            self.metrics.note_capable(app.app_id, view.routes, view.now)
+        self._unpark(app, view)
+        profiles = sorted(view.routes)
+        if not profiles:
+            return float("inf")
+        ahead_ms = int(self.settings.dispatch_ahead * 1000)
+        horizon = view.now + ahead_ms
         batch = self.settings.claim_batch
-        while eligible:
-            # Per profile, what is due now (up to a batch) and the first one not yet due:
-            # a million waiting requests cost nothing to look past.
-            now = self.server_ms()
-            with self.client.pipeline(transaction=False) as pipe:
-                for profile in eligible:
-                    pipe.zrangebyscore(app.due(profile), "-inf", now, start=0, num=batch)
-                    pipe.zrangebyscore(
-                        app.due(profile), f"({now}", "+inf", start=0, num=1, withscores=True
-                    )
-                heads = pipe.execute()
-            next_due = float("inf")
-            full: list[int] = []
-            for i, profile in enumerate(eligible):
-                due, later = heads[2 * i], heads[2 * i + 1]
-                if later:
-                    next_due = min(next_due, (later[0][1] - now) / 1000)
-                if due:
-                    self._claim_and_publish(app, profile, [m.decode() for m in due])
-                if len(due) == batch:
-                    full.append(profile)
-            if not full:
-                return next_due
-            eligible = full  # more may be due behind a full batch
-        return float("inf")
+        # Per profile, the scopes with something due by the horizon (up to a batch) and the
+        # first one after it: a million waiting requests cost nothing to look past.
+        with self.client.pipeline(transaction=False) as pipe:
+            for profile in profiles:
+                pipe.zrangebyscore(app.due(profile), "-inf", horizon, start=0, num=batch)
+                pipe.zrangebyscore(
+                    app.due(profile), f"({horizon}", "+inf", start=0, num=1, withscores=True
+                )
+            heads = pipe.execute()
+        next_due = float("inf")
+        for i, profile in enumerate(profiles):
+            scopes, later = heads[2 * i], heads[2 * i + 1]
+            if later:  # wake once it is half a window inside the window
+                next_due = min(next_due, (later[0][1] - horizon) / 1000 + ahead_ms / 2000)
+            if scopes:
+                claimed = self._claim(app, profile, [s.decode() for s in scopes], view, horizon)
+                self.publish(app, claimed, view.now)
+                if len(scopes) == batch or len(claimed) == batch:
+                    next_due = 0.0  # more is due behind this batch: come back at once
+        return max(0.0, next_due)
 
-    def _claim_and_publish(self, app: keys.AppKeys, profile: int, members: list[str]) -> None:
-        script_keys = [app.due(profile), app.leases, app.seq, app.counts]
-        script_keys += [app.requests(keys.split_member(m)[0]) for m in members]
+    def _claim(
+        self, app: keys.AppKeys, profile: int, scopes: list[str], view: View, horizon: int
+    ) -> list[Claimed]:
+        script_keys = [app.due(profile), app.leases, app.seq, app.counts, app.parked]
         script_keys.append(app.deadletter)
-        claim_ms = int(self.settings.claim_lease * 1000)
-        claimed = _claimed(self.scripts.claim(keys=script_keys, args=[claim_ms, *members]))
+        for scope in scopes:
+            script_keys += [app.requests(scope), app.sched(profile, scope)]
+        lease_ms = int(self.settings.dispatch_lease * 1000)
+        args: list[Any] = [profile, horizon, lease_ms, self.settings.claim_batch, len(scopes)]
+        args += scopes
+        for identifier, classes in view.routes[profile].items():
+            args += [identifier, " ".join(classes)]
+        raw = self.scripts.claim(keys=script_keys, args=args)
+        claimed = [
+            Claimed(
+                raw[i].decode(),
+                raw[i + 1].decode(),
+                int(raw[i + 2]),
+                raw[i + 3].decode(),
+                profile,
+                int(raw[i + 4]),
+                int(raw[i + 5]),
+            )
+            for i in range(0, len(raw), 6)
+        ]
         if self.metrics is not None:
-            self.metrics.observe_claims(app.app_id, claimed, self.server_ms())
-        self.publish(app, claimed)
+            self.metrics.observe_claims(app.app_id, claimed, view.now)
+        return claimed
 
-    def publish(self, app: keys.AppKeys, claimed: list[Claimed]) -> None:
-        """Send each claimed request to its profile's queue, then extend its lease.
+    def publish(self, app: keys.AppKeys, claimed: list[Claimed], now: int) -> None:
+        """Send each claimed request to its class's queue, with its date as the ETA when it
+        is still ahead (the worker's timer starts it; the start checks its generation, so a
+        cancel or a replace inside the window still wins).
 
         While the app holds the CPU efficiency resource its requests go in the priority
         lane, which workers serve before the messages already waiting (efficiency.lane).
@@ -233,28 +312,87 @@ class Beat:
         # One pipelined round trip for the batch (kombu's publish batch), not one per message.
         with self.celery.producer_or_acquire() as producer, producer.batch():
             for item in claimed:
-                scope, identifier = keys.split_member(item.member)
+                eta = None
+                if item.date > now + EARLY_MS:
+                    eta = datetime.fromtimestamp(item.date / 1000, UTC)
+                kwargs = {
+                    "scope": item.scope,
+                    "gen": item.gen,
+                    "requires": requirement_names(item.profile),
+                }
                 self.celery.send_task(
-                    identifier,
-                    kwargs={"scope": scope, "gen": item.gen, "profile": item.profile},
-                    queue=app.queue(item.profile),
+                    item.identifier,
+                    kwargs=kwargs,
+                    queue=app.class_queue(item.class_id),
                     priority=priority,
+                    eta=eta,
                     producer=producer,
                 )
-        until = self.server_ms() + int(self.settings.dispatch_lease * 1000)
-        self.client.zadd(app.leases, {item.member: until for item in claimed}, xx=True)
         self.dispatched += len(claimed)
 
+    def _unpark(self, app: keys.AppKeys, view: View) -> None:
+        """Put back on schedule the parked requests a live class can now run: a batch per
+        pass, from where the last pass stopped, after a class arrived."""
+        start = self._unpark_from.get(app.app_id)
+        if start is None:
+            return
+        batch = self.settings.claim_batch
+        members = [m.decode() for m in self.client.zrange(app.parked, start, start + batch - 1)]
+        runnable = []
+        for member in members:
+            profile, scope, identifier = keys.split_parked(member)
+            if identifier in view.routes.get(profile, {}):
+                runnable.append((member, profile, scope))
+        if runnable:
+            script_keys = [app.parked, app.counts, app.deadletter]
+            for _, profile, scope in runnable:
+                script_keys += [app.requests(scope), app.sched(profile, scope), app.due(profile)]
+            self.scripts.unpark(keys=script_keys, args=[m for m, _, _ in runnable])
+            log.info("%s: %d parked request(s) can run now", app.app_id, len(runnable))
+        if len(members) < batch:
+            del self._unpark_from[app.app_id]
+        else:
+            self._unpark_from[app.app_id] = start + len(members) - len(runnable)
+
     # -- recovery -------------------------------------------------------------
+
+    def live_workers(self, app: keys.AppKeys, forget: bool = False) -> Live:
+        """Heartbeats of the app's live workers, by name (judged on the server's clock).
+        With `forget` (beat's sweep), workers and classes gone for `forget_after` are
+        forgotten and their queues deleted."""
+        forget_ms = int(self.settings.forget_after * 1000) if forget else 0
+        k = app
+        raw = self.scripts.workers(
+            keys=[k.workers, k.alive, k.classes, k.classlive, k.deadletter], args=[forget_ms]
+        )
+        now = int(raw[0])
+        self.offset = now / 1000 - time.time()
+        gone = [app.worker_queue(w.decode()) for w in raw[1]]
+        gone += [app.class_queue(c.decode()) for c in raw[2]]
+        if gone:
+            self._delete_queues(gone)
+        return {
+            raw[i].decode(): json.loads(raw[i + 2])
+            for i in range(3, len(raw), 3)
+            if float(raw[i + 1]) > now
+        }
+
+    def _delete_queues(self, names: list[str]) -> None:
+        """Delete the queues of forgotten workers and classes with kombu's bindings of them.
+        What was still queued there is recovered by its lease (lapsed dispatch or work)."""
+        doomed = [lst for name in names for lst in keys.AppKeys.queue_lists(name)]
+        doomed += [keys.AppKeys.binding(name) for name in names]
+        self.client.delete(*doomed)
+        log.info("deleted the queues of %d forgotten worker(s) and class(es)", len(names))
 
     def sweep(self) -> None:
         """Publish again what was claimed but not delivered; requeue runs whose lease lapsed."""
         seen = []
         for app in self.apps():
             with self.isolated(app, "sweep"):
+                live = self.live_workers(app, forget=True)
                 self._sweep_dispatches(app)
                 self._sweep_runs(app)
-                live = self.live_workers(app)
                 for extension in EXTENSIONS:
                     extension.sweep(self, app, live)
                 seen.append((app, live))
@@ -267,71 +405,112 @@ class Beat:
         if not lapsed:
             return
         members = [m.decode() for m in lapsed]
-        script_keys = [app.leases] + [app.requests(keys.split_member(m)[0]) for m in members]
-        script_keys.append(app.deadletter)
+        script_keys = [app.leases, app.deadletter]
+        script_keys += [app.requests(keys.split_member(m)[0]) for m in members]
         lease_ms = int(self.settings.dispatch_lease * 1000)
-        lapsed_claims = _claimed(self.scripts.lapsed(keys=script_keys, args=[lease_ms, *members]))
+        raw = self.scripts.lapsed(keys=script_keys, args=[lease_ms, *members])
+        view = self.view(app)
+        found = []
+        for i in range(0, len(raw), 5):
+            scope, identifier = keys.split_member(raw[i].decode())
+            item = Claimed(scope, identifier, int(raw[i + 1]), raw[i + 2].decode(), int(raw[i + 3]))
+            item.date = int(raw[i + 4])
+            found.append(item)
         # A message still queued behind others is not lost, only waiting: its lease was
-        # renewed above, and publishing it again would only grow the backlog.
-        profiles = sorted({item.profile for item in lapsed_claims})
-        # kombu keeps each priority step of a queue in a list of its own: count them all.
-        steps = len(app.KOMBU_PRIORITY_STEPS)
-        with self.client.pipeline(transaction=False) as pipe:
-            for profile in profiles:
-                for name in app.queue_lists(profile):
-                    pipe.llen(name)
-            lengths = pipe.execute()
-        drained = {
-            p for i, p in enumerate(profiles) if not sum(lengths[i * steps : (i + 1) * steps])
-        }
-        again = [item for item in lapsed_claims if item.profile in drained]
+        # renewed above, and publishing it again would only grow the backlog. One whose
+        # class has no live worker left goes back to pending, to be routed afresh.
+        gone = [item for item in found if item.class_id not in view.classes]
+        for item in gone:
+            self._release(app, item)
+        live = sorted({i.class_id for i in found if i.class_id in view.classes})
+        waiting = self.queued(app, [app.class_queue(c) for c in live])
+        again = [
+            i
+            for i in found
+            if i.class_id in view.classes and app.class_queue(i.class_id) not in waiting
+        ]
         if again:
             log.warning("publishing %d lapsed dispatch(es) of %s again", len(again), app.app_id)
-        self.publish(app, again)
+        self.publish(app, again, view.now)
+
+    def queued(self, app: keys.AppKeys, queues: list[str]) -> set[str]:
+        """The queues that hold messages (in any of their priority lists)."""
+        if not queues:
+            return set()
+        lists = [keys.AppKeys.queue_lists(name) for name in queues]
+        with self.client.pipeline(transaction=False) as pipe:
+            for names in lists:
+                for name in names:
+                    pipe.llen(name)
+            lengths = iter(pipe.execute())
+        held = [sum(next(lengths) for _ in names) for names in lists]
+        return {name for name, n in zip(queues, held, strict=True) if n}
+
+    def _release(self, app: keys.AppKeys, item: Claimed) -> None:
+        script_keys = [
+            app.requests(item.scope),
+            app.leases,
+            app.sched(item.profile, item.scope),
+            app.due(item.profile),
+            app.counts,
+            app.deadletter,
+        ]
+        if self.scripts.release(keys=script_keys, args=[item.scope, item.identifier, item.gen]):
+            log.warning(
+                "%s/%s of %s: its worker class left; back to pending",
+                item.scope,
+                item.identifier,
+                app.app_id,
+            )
 
     def _sweep_runs(self, app: keys.AppKeys) -> None:
         batch = self.settings.claim_batch
         lapsed = self.client.zrangebyscore(
             app.runleases, "-inf", self.server_ms(), start=0, num=batch
         )
-        for gen in lapsed:
-            raw = self.client.hget(app.running, gen)
-            if raw is None:
-                self.client.zrem(app.runleases, gen)
-                continue
-            record: dict[str, Any] = json.loads(raw)
-            scope = record["sc"]
-            script_keys = [
-                app.running,
-                app.runleases,
+        if not lapsed:
+            return
+        records = self.client.hmget(app.running, lapsed)
+        for gen, raw in zip(lapsed, records, strict=True):
+            self._recover(app, gen, raw)
+
+    def _recover(self, app: keys.AppKeys, gen: bytes, raw: bytes | None) -> None:
+        """recover.lua for one lapsed run; a record beat cannot read is passed without its
+        scope's keys, and the script dead-letters it."""
+        script_keys = [app.running, app.runleases, app.expire, app.deadletter]
+        record: dict[str, Any] = {}
+        with contextlib.suppress(*DATA_ERRORS):
+            record = json.loads(raw) if raw else {}
+            scope, profile = record["sc"], int(record["r"])
+            script_keys += [
                 app.history(scope),
                 app.requests(scope),
-                app.due(record["r"]),
-                app.expire,
+                app.sched(profile, scope),
+                app.due(profile),
                 app.counts,
             ]
-            args = [gen, self.settings.history_limit, self.settings.max_attempts]
-            outcome = self.scripts.recover(keys=script_keys, args=args)
-            if not outcome:
-                continue
-            if self.metrics is not None:
-                self.metrics.lost_run(app.app_id, record["k"])
-            with logs.request(app.app_id, scope, record["i"], int(gen)):
-                log.warning(
-                    "run %s of %s/%s lost its worker %s: %s",
-                    gen.decode(),
-                    scope,
-                    record["i"],
-                    record["w"],
-                    "requeued" if outcome == 1 else "not requeued",
-                )
+        args = [gen, self.settings.max_attempts, *self.settings.history]
+        outcome = self.scripts.recover(keys=script_keys, args=args)
+        if not outcome or len(script_keys) == 4:
+            return
+        if self.metrics is not None:
+            self.metrics.lost_run(app.app_id, record["k"])
+        with logs.request(app.app_id, record["sc"], record["i"], int(gen)):
+            log.warning(
+                "run %s of %s/%s lost its worker %s: %s",
+                gen.decode(),
+                record["sc"],
+                record["i"],
+                record.get("w"),
+                "requeued" if outcome == 1 else "not requeued",
+            )
 
 
-def _claimed(raw: list[Any]) -> list[Claimed]:
-    claimed = []
-    for i in range(0, len(raw), 3):
-        record = json.loads(raw[i + 2])
-        member, gen = raw[i].decode(), int(raw[i + 1])
-        begin = max(int(record["e"]), int(record.get("t", 0)))
-        claimed.append(Claimed(member, gen, int(record["r"]), begin))
-    return claimed
+def _class_def(raw: bytes) -> dict[str, Any]:
+    """A class definition as heartbeat.lua stored it; an unreadable one runs nothing."""
+    try:
+        definition = json.loads(raw)
+        mask, handlers = int(definition["m"]), [str(h) for h in definition["h"]]
+    except DATA_ERRORS:
+        return {"m": 0, "h": [], "c": [], "w": []}
+    return {**definition, "m": mask, "h": handlers}

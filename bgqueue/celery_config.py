@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bgqueue.broker import ssl_options
+from bgqueue.keys import AppKeys
 
 
 def celery_config(broker_url: str) -> dict[str, Any]:
@@ -21,7 +22,8 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "task_ignore_result": True,
         "result_backend": None,
         # Ack after the run and requeue if the pool process dies: the message is only a
-        # notification, and the generation check in start.lua makes redelivery harmless.
+        # notification, and the generation check in start.lua makes redelivery harmless
+        # (the requeue is the worker's own, in memory: see ack emulation below).
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         # One message per free process: nothing waits in a busy worker's memory.
@@ -34,9 +36,16 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         # Keep running tasks when the broker connection drops; their state is in Redis.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
-        # Unacked messages of a dead worker come back after this; by then bgqueue's own
-        # lease sweep has requeued the request, so the late copy is recognised as stale.
-        "broker_transport_options": {"visibility_timeout": 3600},
+        # No ack emulation: kombu would write every delivered message to an "unacked" hash
+        # and delete it on the ack (two MULTI/EXEC per run) only to restore a dead worker's
+        # messages an hour later. bgqueue's own leases recover a request whose message was
+        # lost with its worker, within seconds (lapsed dispatch, lapsed run). Two priority
+        # steps, the lanes bgqueue uses (keys.AppKeys.KOMBU_PRIORITY_STEPS): each queue
+        # is two lists in every BRPOP instead of four.
+        "broker_transport_options": {
+            "ack_emulation": False,
+            "priority_steps": list(AppKeys.KOMBU_PRIORITY_STEPS),
+        },
         "worker_disable_rate_limits": True,
         "task_create_missing_queues": True,
         "enable_utc": True,

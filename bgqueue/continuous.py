@@ -438,40 +438,58 @@ def _close(pubsub: Any) -> None:
 # --- beat (bgqueue.beat.EXTENSIONS) --------------------------------------------------------
 
 
-def dispatch(beat: Beat, app: AppKeys, live: dict[str, dict[str, Any]]) -> float:
-    """Publish waiting continuous tasks while a continuous worker is live; a task nobody
-    can run stays pending and costs nothing. Returns when beat next needs to call."""
-    if not any(heartbeat.get("continuous") for heartbeat in live.values()):
-        return NEVER
+def dispatch(beat: Beat, app: AppKeys) -> float:
+    """Send each waiting continuous task to the least busy live continuous worker that has
+    its handler (to that worker's own queue); a task nobody can run stays pending and costs
+    one read. Returns when beat next needs to call."""
     batch = beat.settings.claim_batch
-    waiting = beat.client.zrange(app.continuous_pending, 0, batch - 1)
+    waiting = [a.decode() for a in beat.client.zrange(app.continuous_pending, 0, batch - 1)]
     if not waiting:
+        return NEVER
+    live = beat.live_workers(app)
+    load = {name: hb.get("busy", 0) / max(1, hb.get("concurrency", 1)) for name, hb in live.items()}
+    picks: list[str] = []
+    for ability in waiting:
+        able = [
+            name
+            for name, heartbeat in live.items()
+            if heartbeat.get("continuous") and ability in beat.class_of(app, heartbeat)["c"]
+        ]
+        if able:
+            worker = min(able, key=lambda name: (load[name], name))
+            load[worker] += 1 / max(1, live[worker].get("concurrency", 1))
+            picks += [ability, worker]
+    if not picks:
         return NEVER
     # Claimed straight to the dispatch lease: continuous tasks are few, and a lease extended
     # after publishing could overwrite the run lease of a worker that started at once.
     lease_ms = int(beat.settings.dispatch_lease * 1000)
     script_keys = [app.continuous, app.continuous_pending, app.continuous_leases, app.seq]
-    raw = beat.scripts.continuous_claim(keys=script_keys, args=[lease_ms, *waiting])
-    _publish(beat, app, [(raw[i].decode(), int(raw[i + 1])) for i in range(0, len(raw), 2)])
+    raw = beat.scripts.continuous_claim(keys=script_keys, args=[lease_ms, *picks])
+    claimed = [
+        (raw[i].decode(), int(raw[i + 1]), raw[i + 2].decode()) for i in range(0, len(raw), 3)
+    ]
+    _publish(beat, app, claimed)
     return 0.0 if len(waiting) == batch else NEVER
 
 
-def _publish(beat: Beat, app: AppKeys, claimed: list[tuple[str, int]]) -> None:
+def _publish(beat: Beat, app: AppKeys, claimed: list[tuple[str, int, str]]) -> None:
     if not claimed:
         return
     with beat.celery.producer_or_acquire() as producer:
-        for ability, gen in claimed:
+        for ability, gen, worker in claimed:
             beat.celery.send_task(
                 CELERY_TASK,
                 kwargs={"ability": ability, "gen": gen},
-                queue=app.continuous_queue,
+                queue=app.worker_queue(worker),
                 producer=producer,
             )
 
 
 def sweep(beat: Beat, app: AppKeys, live: dict[str, dict[str, Any]]) -> None:
-    """Restart continuous tasks whose run lease lapsed (their worker died), and publish
-    again dispatches never started (lua/continuous_lapsed.lua)."""
+    """Restart continuous tasks whose run lease lapsed (their worker died), put back to
+    pending dispatches whose worker is gone, and publish again those never started
+    (lua/continuous_lapsed.lua)."""
     lapsed = beat.client.zrangebyscore(
         app.continuous_leases, "-inf", beat.server_ms(), start=0, num=beat.settings.claim_batch
     )
@@ -479,17 +497,22 @@ def sweep(beat: Beat, app: AppKeys, live: dict[str, dict[str, Any]]) -> None:
         return
     lease_ms = int(beat.settings.dispatch_lease * 1000)
     script_keys = [app.continuous, app.continuous_pending, app.continuous_leases]
-    raw = beat.scripts.continuous_lapsed(keys=script_keys, args=[lease_ms, *lapsed])
-    again: list[tuple[str, int]] = []
-    for i in range(0, len(raw), 3):
+    live_names = " ".join(sorted(live))
+    raw = beat.scripts.continuous_lapsed(keys=script_keys, args=[lease_ms, live_names, *lapsed])
+    again: list[tuple[str, int, str]] = []
+    for i in range(0, len(raw), 4):
         ability, gen, what = raw[i].decode(), int(raw[i + 1]), raw[i + 2].decode()
         if what == "publish":
-            again.append((ability, gen))
+            again.append((ability, gen, raw[i + 3].decode()))
         elif what == "restart":
             log.warning("continuous task %s of %s lost its worker: restarting", ability, app.app_id)
+        elif what == "requeue":
+            log.warning(
+                "continuous task %s of %s: its worker left; waiting again", ability, app.app_id
+            )
         else:
             log.info("continuous task %s of %s died while stopping: removed", ability, app.app_id)
-    # A message still queued is only waiting for a free continuous worker: publish again
-    # only once the queue is empty, when it was lost or a worker about to start it skips it.
-    if again and not beat.client.llen(app.continuous_queue):
-        _publish(beat, app, again)
+    # A message still queued is only waiting for its worker: publish again only once the
+    # worker's queue is empty, when it was lost or a worker about to start it skips it.
+    queued = beat.queued(app, sorted({app.worker_queue(w) for _, _, w in again}))
+    _publish(beat, app, [item for item in again if app.worker_queue(item[2]) not in queued])

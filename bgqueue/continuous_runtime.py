@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bgqueue.continuous")
 
+HAND_BACK = -1  # continuous_end.lua's reason for a task this worker has no handler for
+
 # The arguments of a continuous task's message, as beat sends them (keywords only).
 ARGUMENTS: dict[str, deadletter.Check] = {
     "ability": deadletter.is_name,
@@ -83,9 +85,9 @@ def execute(app: BackgroundApp, ability: str, gen: int) -> dict[str, Any]:
     handler = app.continuous_handlers.get(ability)
     if handler is None:
         reason = f"no continuous handler for {ability!r} on worker {runtime.context.name}"
-        log.error("%s: cancelled", reason)
-        run.end(ContinuousTaskCancelReason.SYSTEM_CANCEL, reason)
-        return {"outcome": "refused", "reason": reason}
+        log.warning("%s: handed back", reason)
+        run.end(HAND_BACK, reason)
+        return {"outcome": "handed back", "reason": reason}
     task = ContinuousTask(
         ability,
         [BackgroundMode(m) for m in record["m"]],
@@ -143,7 +145,7 @@ class ContinuousRun:
         script_keys = [keys.continuous, keys.continuous_pending, keys.continuous_leases]
         args = [self.ability, self.gen, int(reason), keys.continuous_cancel, message]
         result = self.app.call("continuous_end", script_keys, args, wake=True)
-        return {0: "abandoned", 1: "ended", 2: "handed over"}[int(result)]
+        return {0: "abandoned", 1: "ended", 2: "handed over", 3: "handed back"}[int(result)]
 
     # -- watchdog -------------------------------------------------------------------------
 

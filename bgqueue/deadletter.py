@@ -95,6 +95,7 @@ def expected_types(app: AppKeys) -> dict[str, str]:
     they are met)."""
     types = {due: "zset" for due in app.due_all}
     types.update({app.leases: "zset", app.runleases: "zset", app.alive: "zset"})
+    types.update({app.parked: "zset", app.classlive: "zset", app.classes: "hash"})
     types.update({app.running: "hash", app.counts: "hash", app.workers: "hash"})
     types.update({app.seq: "string", app.expire: "set", app.deadletter: "list"})
     return types

@@ -254,7 +254,7 @@ def warning_lead(app: BackgroundApp, budget: float) -> float:
 # -- beat --------------------------------------------------------------------------------
 
 
-def dispatch(beat: Any, app: AppKeys, live: dict[str, dict[str, Any]]) -> float:
+def dispatch(beat: Any, app: AppKeys) -> float:
     """Nothing to dispatch: grants act when others publish or run (beat EXTENSIONS hook)."""
     return float("inf")
 

@@ -5,30 +5,42 @@ single Cluster slot. The only cross-app names are beat's lease, its wake-up
 pub/sub channel and the set of known apps.
 
 Per app (`bgqueue:{app}:...`):
-  req:<scope>      HASH identifier → JSON record of the request not yet started
-                   (pending or dispatched), plus '#refresh'/'#processing' counts.
-  due:<profile>    ZSET "<scope>\\x1f<identifier>" → earliest-begin ms; pending only,
-                   one set per requirement profile so beat skips what no worker can run.
-  leases           ZSET "<scope>\\x1f<identifier>" → ms when a dispatch is presumed lost.
-  running          HASH request id (generation) → JSON record of a running task.
-  runleases        ZSET request id → ms when the run is presumed dead (renewed by its watchdog).
+  req:<scope>      HASH identifier -> JSON record of the request not yet started (pending,
+                   parked or dispatched), plus '#refresh'/'#processing': how many of them
+                   count against the scope's pending limit (lua/include/requests.lua).
+  sched:<profile>:<scope>  ZSET identifier -> earliest-begin ms of the scope's pending
+                   requests of one requirement profile (a scope holds a handful: small).
+  due:<profile>    ZSET scope -> the earliest date in its sched:<profile>:<scope>: beat
+                   reads what is due here and looks past nothing else.
+  parked           ZSET "<profile>\x1f<scope>\x1f<identifier>" -> earliest-begin ms of
+                   pending requests that no live worker has the handler for.
+  leases           ZSET "<scope>\x1f<identifier>" -> ms when a dispatch is presumed lost.
+  running          HASH request id (generation) -> JSON record of a running task.
+  runleases        ZSET request id -> ms when the run is presumed dead (renewed by its watchdog).
   seq              STRING generation counter: one number per dispatch.
-  counts           HASH "<kind>:<profile>" → requests of that kind pending in due:<profile>,
-                   "<kind>:dispatched" → requests of that kind dispatched, not started;
-                   kept by the request scripts so beat's metrics need no record decoded.
-  history:<scope>  LIST of JSON TaskRecords, newest first, capped.
-  workers          HASH worker name → JSON heartbeat (conditions, slots, queues).
-  alive            ZSET worker name → ms its heartbeat lapses (server clock).
+  counts           HASH "<kind>:<place>" -> requests of that kind pending in profile <place>,
+                   'parked' or 'dispatched'; kept by the request scripts, read by metrics.
+  history:<scope>  LIST of JSON TaskRecords, newest first, capped and expiring.
+  workers          HASH worker name -> JSON heartbeat (conditions, slots, class, token).
+  alive            ZSET worker name -> ms its heartbeat lapses (server clock).
+  classes          HASH class id -> JSON of a worker class: the profiles its workers'
+                   conditions satisfy and the handlers their build registered.
+  classlive        ZSET class id -> ms the heartbeat of its longest-lived worker lapses.
   expire           SET request ids whose expiration was simulated, until their watchdog sees it.
   deadletter       LIST of JSON entries, newest first, capped: data met in the app's keys
                    or queues that bgqueue could not read (bgqueue/deadletter.py).
   efficiency:<level>:<type>  STRING JSON of an efficiency grant (level app|process, type a
                    ResourceType bit); a timed grant's key expires at its end.
+
+Celery queues: one per worker class (`class_queue`), which every worker of that class
+consumes, and one per worker (`worker_queue`), where beat routes works and continuous
+tasks to the worker it picked.
 """
 
 from __future__ import annotations
 
-from bgqueue.requests import PROFILE_COUNT
+from bgqueue.errors import ParameterError
+from bgqueue.requests import PROFILE_COUNT, check_name
 
 PREFIX = "bgqueue"
 SEPARATOR = "\x1f"  # unit separator: check_name forbids it inside names
@@ -49,6 +61,21 @@ def split_member(value: str) -> tuple[str, str]:
     return scope, identifier
 
 
+def split_parked(value: str) -> tuple[int, str, str]:
+    """A member of `parked`: "<profile>\x1f<scope>\x1f<identifier>" (lua/claim.lua)."""
+    profile, scope, identifier = value.split(SEPARATOR, 2)
+    return int(profile), scope, identifier
+
+
+def is_app_id(value: str) -> bool:
+    """Whether a name could be an app's id (BackgroundApp checks the same)."""
+    try:
+        check_name(value, "app_id")
+    except ParameterError:
+        return False
+    return "{" not in value and "}" not in value
+
+
 class AppKeys:
     """Key names of one app."""
 
@@ -63,6 +90,9 @@ class AppKeys:
         self.workers = f"{self.base}:workers"
         self.expire = f"{self.base}:expire"
         self.alive = f"{self.base}:alive"
+        self.classes = f"{self.base}:classes"
+        self.classlive = f"{self.base}:classlive"
+        self.parked = f"{self.base}:parked"
         self.deadletter = f"{self.base}:deadletter"
         self.due_all = [self.due(p) for p in range(PROFILE_COUNT)]
 
@@ -71,25 +101,28 @@ class AppKeys:
         return f"{self.base}:req:{scope}"
 
     def due(self, profile: int) -> str:
-        """Sorted set of pending requests with this requirement profile."""
+        """Sorted set of the scopes with pending requests of this profile, by earliest date."""
         return f"{self.base}:due:{profile}"
+
+    def sched(self, profile: int, scope: str) -> str:
+        """Sorted set of a scope's pending requests of one profile, by earliest date."""
+        return f"{self.base}:sched:{profile}:{scope}"
+
+    def sched_all(self, scope: str) -> list[str]:
+        """The scope's sched keys, profiles 0..15 in order."""
+        return [self.sched(p, scope) for p in range(PROFILE_COUNT)]
 
     def history(self, scope: str) -> str:
         """List of the scope's finished runs."""
         return f"{self.base}:history:{scope}"
 
-    def queue(self, profile: int) -> str:
-        """The Celery queue carrying dispatched requests of one profile."""
-        return f"bgqueue.{self.app_id}.p{profile}"
+    def class_queue(self, class_id: str) -> str:
+        """The Celery queue of one worker class, consumed by every worker of that class."""
+        return f"bgqueue.{self.app_id}.class.{class_id}"
 
     def worker_queue(self, worker: str) -> str:
         """The Celery queue of one worker: work that beat routes to that worker alone."""
         return f"bgqueue.{self.app_id}.worker.{worker}"
-
-    @property
-    def continuous_queue(self) -> str:
-        """The Celery queue of continuous tasks, consumed by workers started with --continuous."""
-        return f"bgqueue.{self.app_id}.continuous"
 
     # -- transient delays (bgqueue/transient.py) --
 
@@ -121,11 +154,13 @@ class AppKeys:
 
     # -- efficiency resources (bgqueue/efficiency.py) --
 
-    # kombu's Redis transport (kombu.transport.redis: Channel.sep, PRIORITY_STEPS) keeps a
-    # queue's messages of each priority step in its own list, the step-0 list under the
-    # queue's own name; tests check these against kombu's values.
+    # kombu's Redis transport (kombu.transport.redis: Channel.sep) keeps a queue's messages
+    # of each priority step in its own list, the step-0 list under the queue's own name.
+    # bgqueue uses two steps (celery_config sets kombu's `priority_steps`): the priority lane
+    # and the normal one (bgqueue/efficiency.py), so a worker's BRPOP covers two lists per
+    # queue instead of kombu's default four.
     KOMBU_SEP = "\x06\x16"
-    KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+    KOMBU_PRIORITY_STEPS = (0, 3)
     RESOURCE_BITS = tuple(1 << i for i in range(9))  # efficiency.ResourceType: CPU .. SENSOR
 
     def efficiency(self, resource: int, process: bool) -> str:
@@ -139,11 +174,16 @@ class AppKeys:
         levels = (False, True)
         return [self.efficiency(bit, process) for process in levels for bit in self.RESOURCE_BITS]
 
-    def queue_lists(self, profile: int) -> list[str]:
-        """The Redis lists kombu keeps for one profile's queue, one per priority step."""
-        name = self.queue(profile)
-        steps = self.KOMBU_PRIORITY_STEPS[1:]
-        return [name] + [f"{name}{self.KOMBU_SEP}{step}" for step in steps]
+    @classmethod
+    def queue_lists(cls, name: str) -> list[str]:
+        """The Redis lists kombu keeps for one queue, one per priority step."""
+        steps = cls.KOMBU_PRIORITY_STEPS[1:]
+        return [name] + [f"{name}{cls.KOMBU_SEP}{step}" for step in steps]
+
+    @staticmethod
+    def binding(name: str) -> str:
+        """kombu's binding set of a queue Celery created (its exchange has the queue's name)."""
+        return f"_kombu.binding.{name}"
 
     # -- continuous tasks (bgqueue/continuous.py) --
     # ct          HASH ability → JSON record of its continuous task: modes, payload (JSON

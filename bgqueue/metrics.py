@@ -13,7 +13,6 @@ them at each scrape.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import shutil
@@ -39,10 +38,11 @@ log = logging.getLogger("bgqueue.metrics")
 
 Live = dict[str, dict[str, Any]]  # a live worker's heartbeat by name, as beat reads them
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-REASONS = ("not_due", "no_capable_worker", "dispatched")
-# Records read per side of "now" to split a profile shared by several kinds, when the
-# counts kept in Redis cannot: beyond this the split is estimated from that sample.
-SAMPLE = 1000
+# Why a request waits, the first that applies: no live worker satisfying its requirements
+# has its handler (parked); no live worker satisfies its requirements; it is not due yet
+# (in a profile some live worker serves, a pending request is claimed as it comes due);
+# it is dispatched and not started.
+REASONS = ("no_handler", "no_capable_worker", "not_due", "dispatched")
 LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 # Worker counters, unregistered: a worker serves them from the multiprocess files.
@@ -194,7 +194,7 @@ class BeatMetrics(Collector):
         histogram = self.lateness.labels(app_id)
         for item in claimed:
             since = self._capable_since.get((app_id, item.profile), now_ms)
-            histogram.observe(max(0, now_ms - max(item.begin, since)) / 1000)
+            histogram.observe(max(0, now_ms - max(item.since, since)) / 1000)
 
     def lost_run(self, app_id: str, kind: str) -> None:
         """Beat gave up a run whose worker died: recorded as failed in the history."""
@@ -215,7 +215,7 @@ class BeatMetrics(Collector):
     def _read(self, beat: Beat, seen: list[tuple[keys.AppKeys, Live]]) -> list[Metric]:
         pending = GaugeMetricFamily(
             "bgqueue_pending_requests",
-            "Requests waiting, by reason: not_due, no_capable_worker or dispatched.",
+            "Requests waiting, by reason: no_handler, no_capable_worker, not_due or dispatched.",
             labels=["app", "kind", "reason"],
         )
         quota = GaugeMetricFamily(
@@ -254,77 +254,20 @@ def _profiles(heartbeat: dict[str, Any]) -> list[int]:
 def pending_requests(
     client: Any, app: keys.AppKeys, eligible: set[int], now_ms: int
 ) -> Tally[tuple[str, str]]:
-    """Requests waiting by (kind, reason). Due requests of a profile some live worker
-    satisfies are about to be claimed and have no reason to report."""
-    with client.pipeline(transaction=False) as pipe:
-        pipe.hgetall(app.counts)
-        for profile in range(PROFILE_COUNT):
-            pipe.zcount(app.due(profile), "-inf", now_ms)
-            pipe.zcount(app.due(profile), f"({now_ms}", "+inf")
-        raw_counts, *sides = pipe.execute()
-    counts = {field.decode(): max(0, int(value)) for field, value in raw_counts.items()}
+    """Requests waiting by (kind, reason), from the counts the request scripts keep
+    (lua/include/requests.lua): no record is read."""
     result: Tally[tuple[str, str]] = Tally()
-    for kind in Kind:
-        result[(kind, "dispatched")] = counts.get(f"{kind}:dispatched", 0)
-    for profile in range(PROFILE_COUNT):
-        due, later = sides[2 * profile], sides[2 * profile + 1]
-        if not due + later:
+    for field, value in client.hgetall(app.counts).items():
+        kind, _, place = field.decode().rpartition(":")
+        if kind not in set(Kind) or not value.isdigit():
             continue
-        kinds = {kind: counts.get(f"{kind}:{profile}", 0) for kind in Kind}
-        split = _split(client, app, profile, now_ms, (due, later), kinds)
-        for kind, (kind_due, kind_later) in split.items():
-            result[(kind, "not_due")] += kind_later
-            if profile not in eligible:
-                result[(kind, "no_capable_worker")] += kind_due
+        if place == "dispatched":
+            reason = "dispatched"
+        elif place == "parked":
+            reason = "no_handler"
+        elif place.isdigit():
+            reason = "not_due" if int(place) in eligible else "no_capable_worker"
+        else:
+            continue
+        result[(kind, reason)] += int(value)
     return result
-
-
-def _split(
-    client: Any,
-    app: keys.AppKeys,
-    profile: int,
-    now_ms: int,
-    sides: tuple[int, int],
-    kinds: dict[Kind, int],
-) -> dict[Kind, tuple[int, int]]:
-    """(due, not due) by kind in one profile. The kept counts say how many of each kind
-    the profile holds; only when several kinds share it with requests on both sides of
-    now (or the counts disagree, e.g. requests from before they were kept) are records
-    read, those of the smaller side."""
-    due, later = sides
-    present = {kind: n for kind, n in kinds.items() if n}
-    if sum(present.values()) == due + later:
-        if len(present) == 1:
-            return {kind: (due, later) for kind in present}
-        if not due or not later:
-            return {kind: (n if due else 0, n if later else 0) for kind, n in present.items()}
-        if due <= later:
-            seen_due = _kinds_on(client, app, profile, ("-inf", now_ms), due)
-            return {k: (seen_due[k], max(0, n - seen_due[k])) for k, n in present.items()}
-        seen_later = _kinds_on(client, app, profile, (f"({now_ms}", "+inf"), later)
-        return {k: (max(0, n - seen_later[k]), seen_later[k]) for k, n in present.items()}
-    seen_due = _kinds_on(client, app, profile, ("-inf", now_ms), due)
-    seen_later = _kinds_on(client, app, profile, (f"({now_ms}", "+inf"), later)
-    return {kind: (seen_due[kind], seen_later[kind]) for kind in set(seen_due) | set(seen_later)}
-
-
-def _kinds_on(
-    client: Any, app: keys.AppKeys, profile: int, span: tuple[Any, Any], size: int
-) -> Tally[Kind]:
-    """Kinds of the requests in one span of a due set, from a sample of at most SAMPLE
-    records scaled to the span's `size`."""
-    if not size:
-        return Tally()
-    members = [
-        keys.split_member(m.decode())
-        for m in client.zrangebyscore(app.due(profile), *span, start=0, num=SAMPLE)
-    ]
-    with client.pipeline(transaction=False) as pipe:
-        for scope, identifier in members:
-            pipe.hget(app.requests(scope), identifier)
-        records = pipe.execute()
-    found = Tally(Kind(json.loads(raw)["k"]) for raw in records if raw is not None)
-    total = sum(found.values())
-    if not total or total == size:
-        return found
-    return Tally({kind: round(n * size / total) for kind, n in found.items()})

@@ -72,6 +72,36 @@ class Requirement(IntEnum):
 PROFILE_COUNT = 16  # network × power × four protection levels
 
 
+def requirement_names(profile: int) -> list[str]:
+    """A profile as the names of what it requires, e.g. ['network',
+    'data_protection:complete'] (what Flower shows of a run's message)."""
+    names = []
+    if profile & Requirement.NETWORK:
+        names.append("network")
+    if profile & Requirement.EXTERNAL_POWER:
+        names.append("external_power")
+    if profile >> 2:
+        names.append(f"data_protection:{list(FileProtectionType)[profile >> 2]}")
+    return names
+
+
+def profile_of(names: object) -> int:
+    """The profile `requirement_names` named; ValueError for anything else."""
+    bits: dict[str, int] = {
+        "network": Requirement.NETWORK,
+        "external_power": Requirement.EXTERNAL_POWER,
+    }
+    bits.update({f"data_protection:{t}": t.level << 2 for t in FileProtectionType if t.level})
+    if not isinstance(names, list) or not all(name in bits for name in names):
+        raise ValueError(f"not a list of requirement names: {names!r}")
+    profile = 0
+    for name in names:
+        profile |= bits[name]
+    if requirement_names(profile) != names:
+        raise ValueError(f"not a requirement list bgqueue writes: {names!r}")
+    return profile
+
+
 def check_name(value: object, what: str) -> str:
     """A printable identifier or scope name, or ParameterError saying what is wrong."""
     if not isinstance(value, str):

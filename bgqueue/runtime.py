@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bgqueue.runtime")
 
-__all__ = ["TaskTerminated", "context", "execute", "refuse"]
+__all__ = ["TaskTerminated", "context", "execute", "release"]
 
 
 @dataclass
@@ -62,6 +62,7 @@ class WorkerContext:
 
     name: str = "worker"
     overrides: dict[str, str] = field(default_factory=dict)
+    offset: float = 0.0  # Redis's clock minus this machine's, seconds (from heartbeats)
     _probed: dict[str, str] = field(default_factory=dict)
     _probed_at: float = 0.0
 
@@ -101,13 +102,7 @@ def _execute(
 ) -> dict[str, Any]:
     settings = app.settings
     if not conditions.satisfies(context.conditions(settings.heartbeat_interval), profile):
-        req_keys = [
-            app.keys.requests(scope),
-            app.keys.leases,
-            app.keys.due(profile),
-            app.keys.counts,
-        ]
-        app.call("release", req_keys, [scope, identifier, gen], wake=True)
+        release(app, identifier, scope, gen, profile)
         return {"outcome": "released", "reason": "requirements no longer hold on this worker"}
     raw = _start(app, scope, identifier, gen)
     if raw is None:
@@ -124,32 +119,40 @@ def _execute(
     return Run(app, task, kind, gen, profile).execute(app.handlers[identifier])
 
 
-def refuse(app: BackgroundApp, identifier: str, scope: str, gen: int, reason: str) -> bool:
-    """Record a dispatched request as failed without running it (e.g. no handler here)."""
-    raw = _start(app, scope, identifier, gen)
-    if raw is None:
-        return False
-    if _finish(app, scope, gen, State.FAILED, False, reason):
-        metrics.count_run(app.app_id, json.loads(raw)["k"], State.FAILED, False)
-        with logs.request(app.app_id, scope, identifier, gen):
-            log.error("failed without running: %s", reason)
-    return True
+def release(app: BackgroundApp, identifier: str, scope: str, gen: int, profile: int) -> bool:
+    """Hand a dispatched request back to pending, unharmed (lua/release.lua): this worker
+    cannot run it now. False if the message was stale."""
+    k = app.keys
+    script_keys = [
+        k.requests(scope),
+        k.leases,
+        k.sched(profile, scope),
+        k.due(profile),
+        k.counts,
+        k.deadletter,
+    ]
+    return bool(app.call("release", script_keys, [scope, identifier, gen], wake=True))
 
 
 def _start(app: BackgroundApp, scope: str, identifier: str, gen: int) -> Any:
-    """start.lua: the running record's JSON, or None if the message is stale."""
+    """start.lua: the running record's JSON, or None if the message is stale. A worker whose
+    clock runs ahead of Redis's waits for the request's date on Redis's clock."""
     k = app.keys
-    script_keys = [k.requests(scope), k.leases, k.running, k.runleases, k.counts]
+    script_keys = [k.requests(scope), k.leases, k.running, k.runleases, k.counts, k.deadletter]
     lease_ms = int(app.settings.heartbeat_timeout * 1000)
-    return app.call("start", script_keys, [scope, identifier, gen, context.name, lease_ms])
+    args = [scope, identifier, gen, context.name, lease_ms]
+    while isinstance(raw := app.call("start", script_keys, args), int):
+        time.sleep(raw / 1000)
+    return raw or None
 
 
-def _finish(
-    app: BackgroundApp, scope: str, gen: int, state: State, success: bool, reason: str
-) -> bool:
+def _finish(run: Run, state: State, success: bool, reason: str) -> bool:
     """finish.lua: False if the run had already been given up as lost."""
-    script_keys = [app.keys.running, app.keys.runleases, app.keys.history(scope), app.keys.expire]
-    args = [gen, str(state), int(success), app.settings.history_limit, reason]
+    app, task = run.app, run.task
+    k = app.keys
+    script_keys = [k.running, k.runleases, k.history(task.scope), k.expire, k.deadletter]
+    history = app.settings.history
+    args = [run.gen, str(state), int(success), *history, reason, task.identifier, run.kind]
     return bool(app.call("finish", script_keys, args))
 
 
@@ -214,7 +217,7 @@ class Run:
         # The run's transient delays end with it, before the outcome is recorded (a dead
         # process settles nothing). A body still holding one gets the warning lead to return.
         self.delays.settle(grace=self.app.limits.warning_lead(self._budget))
-        if _finish(self.app, self.task.scope, self.gen, state, success, reason):
+        if _finish(self, state, success, reason):
             metrics.count_run(self.app.app_id, self.kind, state, success)
         else:  # counted by beat, which recorded it as lost
             log.warning(

@@ -7,7 +7,6 @@ replaced request never coexists with its replacement.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +22,10 @@ from bgqueue.requests import (
     BGTaskRequest,
     ContinuedProcessingStrategy,
     ContinuedProcessingTaskRequest,
-    State,
     TaskRecord,
     check_name,
     from_record,
+    requirement_names,
 )
 
 if TYPE_CHECKING:
@@ -49,34 +48,45 @@ class Scheduler:
         batch = list(requests)
         app_keys = self.app.keys
         limits = self.app.limits
+        requests_args: list[Any] = []
+        for request in batch:
+            record, profile, begin = self._check(request)
+            requests_args += [request.identifier, record, profile, begin, request.kind]
+        if not batch:
+            return
         args: list[Any] = [
             limits.max_pending_refresh,
             limits.max_pending_processing,
-            keys.member(self.scope, ""),
+            self.scope,
             keys.BEAT_WAKE,
             self.app.app_id,
+            _must_start_now(batch),
+            *requests_args,
         ]
-        for request in batch:
-            record, profile, begin = self._check(request)
-            args += [request.identifier, record, profile, begin, request.kind]
-        if not batch:
-            return
-        self._check_start_now(batch)
-        script_keys = [*app_keys.due_all, app_keys.leases, app_keys.counts]
-        script_keys += [app_keys.requests(self.scope), app_keys.deadletter]
-        result = self.app.call("submit", script_keys, args)  # it wakes beat itself
+        script_keys = [*app_keys.due_all, *app_keys.sched_all(self.scope)]
+        script_keys += [app_keys.requests(self.scope), app_keys.leases, app_keys.parked]
+        script_keys += [app_keys.counts, app_keys.deadletter]
+        script_keys += [app_keys.workers, app_keys.alive, app_keys.running, app_keys.classes]
+        # The script wakes beat itself; the app is named to beat with every submit.
+        result = self.app.call("submit", script_keys, args, announce=True)
         if result[0] == b"ok":
-            self.app.announce()
-        elif result[0] == b"foreign":
+            return
+        if result[0] == b"foreign":
             raise _foreign(result, "nothing was scheduled")
-        else:
-            index, kind = int(result[1]), result[2].decode()
-            allowed = getattr(self.app.limits, f"max_pending_{kind}")
-            raise TooManyPendingTaskRequests(
-                f"scope {self.scope!r} already has {allowed} pending {kind} request(s); "
-                f"{batch[index].identifier!r} was not scheduled (nothing in the batch was). "
-                "Cancel one or wait for it to run."
+        if result[0] == b"busy":
+            raise ImmediateRunIneligible(
+                f"continued-processing requests must start now, but live workers that can run "
+                f"them (requirements {requirement_names(int(result[1]))}) have "
+                f"{max(int(result[2]), 0)} free slot(s); nothing was scheduled. "
+                "Use strategy=QUEUE to wait for a worker"
             )
+        index, kind = int(result[1]), result[2].decode()
+        allowed = getattr(self.app.limits, f"max_pending_{kind}")
+        raise TooManyPendingTaskRequests(
+            f"scope {self.scope!r} already has {allowed} pending {kind} request(s); "
+            f"{batch[index].identifier!r} was not scheduled (nothing in the batch was). "
+            "Cancel one or wait for it to run."
+        )
 
     def _check(self, request: BGTaskRequest) -> tuple[str, int, int]:
         """The request's record, profile and earliest-begin ms, once it is valid and
@@ -91,23 +101,6 @@ class Scheduler:
             )
         return record
 
-    def _check_start_now(self, batch: list[BGTaskRequest]) -> None:
-        """Continued-processing requests with the FAIL strategy need a free slot each, now."""
-        needed = Counter(
-            request.profile
-            for request in batch
-            if isinstance(request, ContinuedProcessingTaskRequest)
-            and request.strategy is ContinuedProcessingStrategy.FAIL
-        )
-        for profile, count in needed.items():
-            free = self.app.free_slots(profile)
-            if free < count:
-                raise ImmediateRunIneligible(
-                    f"{count} continued-processing request(s) must start now, but live workers "
-                    f"that can run them have {max(free, 0)} free slot(s); nothing was scheduled. "
-                    "Use strategy=QUEUE to wait for a worker"
-                )
-
     def cancel(self, identifier: str) -> bool:
         """Cancel the not-yet-started request with this identifier; True if there was one."""
         return self._cancel([check_name(identifier, "identifier")]) > 0
@@ -118,31 +111,31 @@ class Scheduler:
 
     def _cancel(self, identifiers: Sequence[str]) -> int:
         app_keys = self.app.keys
-        script_keys = [
-            *app_keys.due_all,
-            app_keys.leases,
-            app_keys.requests(self.scope),
-            app_keys.history(self.scope),
-            app_keys.counts,
-            app_keys.deadletter,
-        ]
-        args = [self.scope, self.app.settings.history_limit, *identifiers]
+        script_keys = [*app_keys.due_all, *app_keys.sched_all(self.scope)]
+        script_keys += [app_keys.requests(self.scope), app_keys.leases, app_keys.parked]
+        script_keys += [app_keys.history(self.scope), app_keys.counts, app_keys.deadletter]
+        args = [self.scope, *self.app.settings.history, *identifiers]
         result = self.app.call("cancel", script_keys, args)
         if isinstance(result, list):
             raise _foreign(result, "nothing was cancelled")
         return int(result)
 
     def pending_task_requests(self) -> list[BGTaskRequest]:
-        """Copies of the requests not yet started (pending or dispatched), earliest first."""
+        """Copies of the requests not yet started (pending or dispatched), earliest first.
+        A record bgqueue did not write is left out (the scripts that meet it dead-letter it)."""
         with self.app.service():
             raw = self.app.client.hgetall(self.app.keys.requests(self.scope))
-        found = [
-            (json.loads(value), field.decode())
-            for field, value in raw.items()
-            if not field.startswith(b"#")
-        ]
-        found.sort(key=lambda pair: (pair[0]["e"], pair[1]))
-        return [from_record(identifier, record) for record, identifier in found]
+        found = []
+        for field, value in raw.items():
+            if field.startswith(b"#"):
+                continue
+            try:
+                record = json.loads(value)
+                found.append((record["e"], field.decode(), from_record(field.decode(), record)))
+            except (ValueError, KeyError, TypeError, IndexError):
+                continue
+        found.sort(key=lambda entry: (entry[0], entry[1]))
+        return [request for _, _, request in found]
 
     def history(self, limit: int = 100) -> list[TaskRecord]:
         """The scope's most recent finished or cancelled runs, newest first."""
@@ -154,21 +147,21 @@ class Scheduler:
 
     def simulate_launch(self, identifier: str) -> bool:
         """Make a pending request due now, ignoring its earliest-begin date (Apple's
-        `_simulateLaunchForTaskWithIdentifier`). Requirements still apply."""
+        `_simulateLaunchForTaskWithIdentifier`). Requirements and handlers still apply."""
         check_name(identifier, "identifier")
+        app_keys = self.app.keys
         with self.app.service():
-            raw = self.app.client.hget(self.app.keys.requests(self.scope), identifier)
-            if raw is None:
-                return False
-            record = json.loads(raw)
-            if record["s"] != State.PENDING:
-                return bool(record["s"] == State.DISPATCHED)
-            member = keys.member(self.scope, identifier)
-            with self.app.client.pipeline(transaction=False) as pipe:
-                pipe.zadd(self.app.keys.due(record["r"]), {member: 0}, xx=True)
-                pipe.publish(keys.BEAT_WAKE, self.app.app_id)
-                pipe.execute()
-        return True
+            raw = self.app.client.hget(app_keys.requests(self.scope), identifier)
+        if raw is None:
+            return False
+        profile = int(json.loads(raw)["r"])
+        script_keys = [
+            app_keys.requests(self.scope),
+            app_keys.sched(profile, self.scope),
+            app_keys.due(profile),
+        ]
+        args = [self.scope, identifier, profile]
+        return bool(self.app.call("launch", script_keys, args, wake=True))
 
     def simulate_expiration(self, identifier: str) -> int:
         """Run the expiration handler of every running task with this identifier now
@@ -176,14 +169,30 @@ class Scheduler:
         check_name(identifier, "identifier")
         with self.app.service():
             running = self.app.client.hgetall(self.app.keys.running)
-            gens = [
-                gen
-                for gen, raw in running.items()
-                if (rec := json.loads(raw))["sc"] == self.scope and rec["i"] == identifier
-            ]
+            gens = [gen for gen, raw in running.items() if _runs(raw, self.scope, identifier)]
             if gens:
                 self.app.client.sadd(self.app.keys.expire, *gens)
         return len(gens)
+
+
+def _runs(raw: bytes, scope: str, identifier: str) -> bool:
+    """Whether a running record is a run of this identifier in this scope."""
+    try:
+        record = json.loads(raw)
+        return bool(record["sc"] == scope and record["i"] == identifier)
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def _must_start_now(batch: list[BGTaskRequest]) -> str:
+    """submit.lua's list of the continued-processing requests with the FAIL strategy, which
+    need a free slot each, now: 'profile identifier' pairs."""
+    return " ".join(
+        f"{request.profile} {request.identifier}"
+        for request in batch
+        if isinstance(request, ContinuedProcessingTaskRequest)
+        and request.strategy is ContinuedProcessingStrategy.FAIL
+    )
 
 
 def _foreign(result: list[bytes], outcome: str) -> Unavailable:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from bgqueue.errors import ParameterError
 
@@ -27,32 +28,40 @@ def _seconds(name: str, default: float) -> float:
 
 @dataclass(frozen=True)
 class Settings:
-    """Heartbeats, leases and batch sizes shared by beat, workers and producers."""
+    """Heartbeats, leases, windows and retention shared by beat, workers and producers."""
 
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
     beat_lease: float = 5.0
-    claim_lease: float = 5.0
-    # A dispatched request not started within this is published again, but only once its
-    # queue is empty: then its message was either lost or is held by a worker about to start.
+    # A dispatched request not started within this (past its date) is published again, but
+    # only once its queue is empty: then its message was either lost or is held by a worker
+    # about to start it.
     dispatch_lease: float = 5.0
+    # Requests due within this window are handed to workers ahead of their date, with the
+    # date as Celery's ETA: the start is timed in the worker, to the millisecond, and a
+    # worker holds at most this window's worth of messages.
+    dispatch_ahead: float = 1.0
     sweep_interval: float = 1.0
     claim_batch: int = 500
+    # A scope's history keeps at most this many runs, none older than the retention, and
+    # goes altogether once the scope has been idle that long.
     history_limit: int = 1000
+    history_retention: float = 7 * 86400
     max_attempts: int = 5
+    # Workers, classes and apps gone this long are forgotten (their queues deleted).
+    forget_after: float = 300.0
+
+    @property
+    def history(self) -> tuple[int, int]:
+        """The history scripts' arguments: the length cap and the retention in ms."""
+        return self.history_limit, int(self.history_retention * 1000)
 
     @classmethod
     def from_env(cls) -> Settings:
         """Settings with any `BGQUEUE_<FIELD>` environment override applied."""
         base = cls()
-        return cls(
-            heartbeat_interval=_seconds("BGQUEUE_HEARTBEAT_INTERVAL", base.heartbeat_interval),
-            heartbeat_timeout=_seconds("BGQUEUE_HEARTBEAT_TIMEOUT", base.heartbeat_timeout),
-            beat_lease=_seconds("BGQUEUE_BEAT_LEASE", base.beat_lease),
-            claim_lease=_seconds("BGQUEUE_CLAIM_LEASE", base.claim_lease),
-            dispatch_lease=_seconds("BGQUEUE_DISPATCH_LEASE", base.dispatch_lease),
-            sweep_interval=_seconds("BGQUEUE_SWEEP_INTERVAL", base.sweep_interval),
-            claim_batch=int(_seconds("BGQUEUE_CLAIM_BATCH", base.claim_batch)),
-            history_limit=int(_seconds("BGQUEUE_HISTORY_LIMIT", base.history_limit)),
-            max_attempts=int(_seconds("BGQUEUE_MAX_ATTEMPTS", base.max_attempts)),
-        )
+        values: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            value = _seconds(f"BGQUEUE_{name.upper()}", getattr(base, name))
+            values[name] = int(value) if isinstance(getattr(base, name), int) else value
+        return cls(**values)

@@ -14,11 +14,12 @@ from datetime import datetime
 from typing import Any
 
 from bgqueue import WorkInfo, deadletter, keys, transient
+from bgqueue.conditions import profiles
 from bgqueue.continuous import ContinuousTaskInfo
 from bgqueue.efficiency import read_grants
 from bgqueue.limits import Limits
+from bgqueue.metrics import REASONS, pending_requests
 from bgqueue.scripts import Scripts
-from bgqueue.settings import Settings
 
 # A worker heartbeat: its name, ms until it lapses (negative: lapsed), and its JSON.
 Worker = tuple[str, float, dict[str, Any]]
@@ -39,7 +40,7 @@ def report(client: Any) -> str:
         now, workers = _workers(scripts, app)
         lines.append(f"app {app_id}")
         lines += _worker_lines(workers)
-        lines += _request_lines(client, app, now)
+        lines += _request_lines(client, app, now, workers)
         lines += continuous_lines(client, app, now)
         lines += transient_lines(client, scripts, app, workers)
         lines += efficiency_lines(client, app, now)
@@ -76,12 +77,12 @@ def _ms(moment: datetime) -> float:
 
 def _workers(scripts: Scripts, app: keys.AppKeys) -> tuple[int, list[Worker]]:
     """Redis's clock (ms) and the app's recently seen workers."""
-    forget_ms = int(Settings.from_env().heartbeat_timeout * 1000 * 60)
-    raw = scripts.workers(keys=[app.workers, app.alive], args=[forget_ms])
+    script_keys = [app.workers, app.alive, app.classes, app.classlive, app.deadletter]
+    raw = scripts.workers(keys=script_keys, args=[0])
     now = int(raw[0])
     found = [
         (raw[i].decode(), float(raw[i + 1]) - now, json.loads(raw[i + 2]))
-        for i in range(1, len(raw), 3)
+        for i in range(3, len(raw), 3)
     ]
     return now, found
 
@@ -97,25 +98,28 @@ def _worker_lines(workers: list[Worker]) -> list[str]:
     return lines
 
 
-def _request_lines(client: Any, app: keys.AppKeys, now: int) -> list[str]:
-    with client.pipeline(transaction=False) as pipe:
-        for due in app.due_all:
-            pipe.zcard(due)
-            pipe.zcount(due, "-inf", now)
-        pipe.zcard(app.leases)
-        pipe.hgetall(app.running)
-        counts = pipe.execute()
-    waiting = sum(counts[0:32:2])
-    due_now = sum(counts[1:32:2])
-    running = counts[33]
+def _request_lines(client: Any, app: keys.AppKeys, now: int, workers: list[Worker]) -> list[str]:
+    live = [beat for _, lapse, beat in workers if lapse > 0]
+    eligible = {p for beat in live for p in profiles(beat.get("conditions", {}))}
+    waiting = pending_requests(client, app, eligible, now)
+    by_reason = {
+        reason: sum(n for (_, r), n in waiting.items() if r == reason) for reason in REASONS
+    }
+    running = client.hgetall(app.running)
+    pending = sum(n for reason, n in by_reason.items() if reason != "dispatched")
     lines = [
-        f"  pending: {waiting} (due now: {due_now}, not yet due: {waiting - due_now})",
-        f"  dispatched, not started: {counts[32]}",
+        f"  pending: {pending} (not yet due: {by_reason['not_due']}, "
+        f"no capable worker: {by_reason['no_capable_worker']}, "
+        f"no_handler: {by_reason['no_handler']})",
+        f"  dispatched, not started: {by_reason['dispatched']}",
         f"  running: {len(running)}",
     ]
     for gen, rec_raw in sorted(running.items()):
-        rec = json.loads(rec_raw)
-        lines.append(f"    #{gen.decode()} {rec['sc']}/{rec['i']} ({rec['k']}) on {rec['w']}")
+        try:
+            rec = json.loads(rec_raw)
+            lines.append(f"    #{gen.decode()} {rec['sc']}/{rec['i']} ({rec['k']}) on {rec['w']}")
+        except (ValueError, KeyError, TypeError):
+            lines.append(f"    #{gen.decode()} (unreadable record)")
     return lines
 
 

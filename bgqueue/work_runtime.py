@@ -68,14 +68,16 @@ def execute(app: BackgroundApp, work_id: int, gen: int) -> dict[str, Any]:
         end_run(app, work_id, gen, "release")
         return {"outcome": "released", "work_id": work_id}
     handler = app.work_handlers.get(info.ability_name)
-    if handler is None:
-        reason = (
-            f"no WorkSchedulerExtension registered for {info.ability_name!r} on worker {name}; "
-            f"register one with @app.work({info.ability_name!r})"
+    if handler is None:  # beat routed it by an older view of this worker: hand it back
+        log.warning(
+            "work %s of %s: no WorkSchedulerExtension for %r on worker %s; handed back",
+            work_id,
+            app.app_id,
+            info.ability_name,
+            name,
         )
-        log.error("work %s of %s: %s", work_id, app.app_id, reason)
-        end_run(app, work_id, gen, "done", reason=reason)
-        return {"outcome": "failed", "work_id": work_id, "reason": reason}
+        end_run(app, work_id, gen, "release")
+        return {"outcome": "handed back", "work_id": work_id}
     return WorkRun(app, info, gen, run_limit(app, held)).execute(handler)
 
 

@@ -1,21 +1,28 @@
 """The worker side: a Celery app per BackgroundApp, its tasks, and the heartbeat.
 
 Each registered identifier is a Celery task of the same name, so Flower shows
-every kind of work under its own name. A worker consumes the queues of every
-requirement profile its conditions satisfy, and announces those conditions in a
-heartbeat that beat reads to decide what may be dispatched.
+every kind of work under its own name. A worker belongs to a *class*: the requirement
+profiles its conditions satisfy and the handlers its build registered. It consumes its
+class's queue and its own, and announces its class in a heartbeat; beat sends a request
+only to a class that satisfies its requirements and has its handler, so during a rolling
+deploy an old build is never offered what it cannot run. One that gets such a request
+anyway (its class changed meanwhile) hands it back unharmed.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -29,7 +36,7 @@ from bgqueue import body, conditions, continuous_runtime, deadletter, runtime, w
 from bgqueue.celery_config import celery_config
 from bgqueue.errors import TaskExpired, TaskFailed, TaskOutcomeError, TaskUnsuccessful
 from bgqueue.keys import AppKeys
-from bgqueue.requests import PROFILE_COUNT
+from bgqueue.requests import profile_of
 
 if TYPE_CHECKING:
     from bgqueue.app import BackgroundApp
@@ -45,7 +52,6 @@ def make_celery(app: BackgroundApp) -> Celery:
     """The Celery app of a BackgroundApp, with a task per registered identifier."""
     celery = Celery(app.app_id, set_as_current=False)
     celery.conf.update(celery_config(app.broker_url))
-    celery.conf.task_default_queue = app.keys.queue(0)
     # What Celery and kombu cannot read goes to the app's dead letter (bgqueue.deadletter).
     celery.conf.worker_consumer = f"{__name__}:Consumer"
     if urlsplit(app.broker_url).scheme == "redis":
@@ -69,11 +75,20 @@ OUTCOME_ERRORS: dict[str, type[TaskOutcomeError]] = {
 }
 
 
-# The arguments of a run's message, as beat sends them (keywords only).
+def _is_requirements(names: object) -> bool:
+    try:
+        profile_of(names)
+    except ValueError:
+        return False
+    return True
+
+
+# The arguments of a run's message, as beat sends them (keywords only). `requires` names
+# the request's requirements (requests.requirement_names), readable in Flower.
 RUN_ARGUMENTS: dict[str, deadletter.Check] = {
     "scope": deadletter.is_name,
     "gen": deadletter.is_count,
-    "profile": lambda p: type(p) is int and 0 <= p < PROFILE_COUNT,
+    "requires": _is_requirements,
 }
 
 
@@ -85,7 +100,7 @@ def add_celery_task(app: BackgroundApp, identifier: str, celery: Celery | None =
         wrong = deadletter.message_kwargs(args, kwargs, RUN_ARGUMENTS)
         if wrong is not None:  # not a message beat sent
             return deadletter.refuse_task_message(app, task, wrong)
-        scope, gen, profile = kwargs["scope"], kwargs["gen"], kwargs["profile"]
+        scope, gen, profile = kwargs["scope"], kwargs["gen"], profile_of(kwargs["requires"])
         began = time.monotonic()
         summary = runtime.execute(app, identifier, scope, gen, profile)
         seconds = time.monotonic() - began
@@ -144,7 +159,16 @@ class RunRequest(Request):  # type: ignore[misc]
     """A run's message in the worker's main process. A run whose body had to be stopped
     reports its outcome first; then its pool process is retired and replaced
     (bgqueue/body.py), from here, before the pool can hand that process another
-    message. (A body stopped after it completed successfully keeps its process.)"""
+    message. (A body stopped after it completed successfully keeps its process.)
+
+    A message beat sent ahead of its request's date carries that date as Celery's ETA, on
+    Redis's clock; the worker's timer runs on its own, so the ETA is moved by the offset
+    between the two that the heartbeat measures."""
+
+    @property
+    def eta(self) -> datetime | None:
+        eta: datetime | None = super().eta
+        return eta and eta - timedelta(seconds=runtime.context.offset)
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
@@ -312,8 +336,36 @@ def _for(celery: Celery, hook: Callable[..., None]) -> Callable[..., None]:
     return receiver
 
 
+class NameTaken(SystemExit):
+    """Another live worker has this worker's name: its heartbeat would be overwritten."""
+
+
+def worker_class(app: BackgroundApp, found: dict[str, str], continuous: bool) -> tuple[str, str]:
+    """The id and JSON of a worker's class: the profiles its conditions satisfy and the
+    handlers its build registered (continuous ones only on a --continuous worker). Workers
+    with the same class share a queue; the id changes when either changes."""
+    mask = sum(1 << profile for profile in conditions.profiles(found))
+    definition = {
+        "m": mask,
+        "h": sorted(app.handlers),
+        "c": sorted(app.continuous_handlers) if continuous else [],
+        "w": sorted(app.work_handlers),
+    }
+    text = json.dumps(definition, separators=(",", ":"), sort_keys=True)
+    return f"{mask:04x}-{hashlib.sha1(text.encode()).hexdigest()[:12]}", text
+
+
+def _taken(holder: dict[str, Any]) -> str:
+    return (
+        f"a live worker already has the name {runtime.context.name!r} (host "
+        f"{holder.get('host')}, pid {holder.get('pid')}); give each worker its own --name, "
+        "or leave it out for a unique one"
+    )
+
+
 class Heartbeat:
-    """The worker's main-process side: picks queues, announces conditions, leaves cleanly."""
+    """The worker's main-process side: claims its name, picks its queues, announces its
+    conditions and class, and leaves cleanly."""
 
     def __init__(self, app: BackgroundApp, celery: Celery) -> None:
         self.app = app
@@ -322,7 +374,10 @@ class Heartbeat:
         self.thread: threading.Thread | None = None
         self.concurrency = 1
         self.last: dict[str, str] | None = None
+        self.class_id = ""
+        self.class_json = ""
         self.nodename = ""
+        self.token = uuid.uuid4().hex  # this process, so a name is held by one worker
 
     @classmethod
     def attach(cls, app: BackgroundApp, celery: Celery) -> None:
@@ -354,11 +409,17 @@ class Heartbeat:
             (signals.task_rejected, heartbeat.dead_letter),
             (message_undecodable, heartbeat.dead_letter),
         ]
-        for signal, hook in hooks:
-            signal.connect(_for(celery, hook), weak=False)
+        for sent, hook in hooks:
+            sent.connect(_for(celery, hook), weak=False)
+
+    @property
+    def serves_continuous(self) -> bool:
+        """Whether this worker runs continuous tasks (`bgqueue worker --continuous`)."""
+        return os.environ.get(CONTINUOUS_ENV) == "1"
 
     def setup(self, nodename: str, worker: Any) -> None:
-        """Before consuming: learn the name and conditions, subscribe to eligible queues."""
+        """Before consuming: learn the name and conditions, claim the name, and consume the
+        class's queue and the worker's own, nothing else."""
         overrides = conditions.parse_overrides(
             pair for pair in os.environ.get(CONDITIONS_ENV, "").split(",") if pair.strip()
         )
@@ -367,54 +428,74 @@ class Heartbeat:
         self.concurrency = int(worker.concurrency or 1)
         self.nodename = nodename
         found = runtime.context.conditions(0)
+        self.class_id, self.class_json = worker_class(self.app, found, self.serves_continuous)
+        self.claim_name()
         queues = self.celery.amqp.queues
-        for name in self.queues(found) | self.own_queues():
-            queues.select_add(name, exchange=name, routing_key=name)
-        log.info("worker %s conditions %s", runtime.context.name, found)
-
-    def own_queues(self) -> set[str]:
-        """Queues that do not depend on conditions: this worker's own (beat routes work there
-        after matching its conditions itself) and, if it serves them, continuous tasks."""
-        own = {self.app.keys.worker_queue(runtime.context.name)}
-        if self.serves_continuous:
-            own.add(self.app.keys.continuous_queue)
-        return own
+        names = [self.app.keys.class_queue(self.class_id), self.own_queue]
+        for name in names:
+            queues.add(name, exchange=name, routing_key=name)
+        queues.select(names)
+        log.info("worker %s class %s conditions %s", runtime.context.name, self.class_id, found)
 
     @property
-    def serves_continuous(self) -> bool:
-        """Whether this worker runs continuous tasks (`bgqueue worker --continuous`)."""
-        return os.environ.get(CONTINUOUS_ENV) == "1"
+    def own_queue(self) -> str:
+        """This worker's own queue: beat routes works and continuous tasks there."""
+        return self.app.keys.worker_queue(runtime.context.name)
 
-    def queues(self, found: dict[str, str]) -> set[str]:
-        """The queues of every requirement profile these conditions satisfy."""
-        return {self.app.keys.queue(profile) for profile in conditions.profiles(found)}
+    def claim_name(self) -> None:
+        """Before consuming: wait out a lapsing heartbeat of the same name (a restart), but
+        refuse to start beside a live worker that holds it. The first heartbeat, once the
+        pool is up, claims the name atomically (heartbeat.lua)."""
+        settings = self.app.settings
+        deadline = time.monotonic() + settings.heartbeat_timeout + settings.heartbeat_interval
+        while (holder := self.holder()) is not None:
+            if time.monotonic() > deadline:
+                raise NameTaken(_taken(holder))
+            time.sleep(settings.heartbeat_interval)
 
-    def follow(self, before: dict[str, str], after: dict[str, str]) -> None:
-        """Consume exactly the queues the new conditions satisfy (e.g. power unplugged).
+    def holder(self) -> dict[str, Any] | None:
+        """The heartbeat of another live worker with this worker's name, if there is one."""
+        k, name = self.app.keys, runtime.context.name
+        with self.app.service(), self.app.client.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.zscore(k.alive, name)
+            pipe.hget(k.workers, name)
+            (seconds, micros), lapses, raw = pipe.execute()
+        if lapses is None or raw is None or lapses <= seconds * 1000 + micros / 1000:
+            return None
+        try:
+            beat: dict[str, Any] = json.loads(raw)
+        except ValueError:
+            return None
+        return None if beat.get("token") == self.token else beat
+
+    def follow(self, old_class: str) -> None:
+        """Consume the new class's queue instead of the old one (e.g. power unplugged).
 
         Through Celery's remote control, so the consumer thread makes the change itself."""
-        old, new = self.queues(before), self.queues(after)
         control, to = self.celery.control, [self.nodename]
-        for name in sorted(old - new):
-            control.cancel_consumer(name, destination=to)
-        for name in sorted(new - old):
-            control.add_consumer(name, exchange=name, routing_key=name, destination=to)
+        old, new = self.app.keys.class_queue(old_class), self.app.keys.class_queue(self.class_id)
+        control.add_consumer(new, exchange=new, routing_key=new, destination=to)
+        control.cancel_consumer(old, destination=to)
 
     def refuse_unknown(self, name: str, message: Any, **_: Any) -> None:
-        """A request for an identifier with no handler on this worker fails visibly instead
-        of being published again and again."""
+        """A request for an identifier with no handler on this worker (its class changed
+        since beat routed it) goes back to pending unharmed, for a worker that has one."""
         try:
             kwargs = message.payload[1]
             scope, gen = kwargs["scope"], int(kwargs["gen"])
+            profile = profile_of(kwargs["requires"])
             if not isinstance(scope, str):
                 raise TypeError(scope)
         except (TypeError, KeyError, IndexError, ValueError, AttributeError):
             # Not a bgqueue message: Celery has logged and rejected it.
             self.dead_letter(message, reason=f"unknown task {name!r}, not a bgqueue request")
             return
-        reason = f"no launch handler registered for {name!r} on worker {runtime.context.name}"
-        if not runtime.refuse(self.app, name, scope, gen, reason):
-            # No such dispatched request of this app (a stale copy, or another app's).
+        if runtime.release(self.app, name, scope, gen, profile):
+            log.warning(
+                "no handler for %r on worker %s: handed it back", name, runtime.context.name
+            )
+        else:  # No such dispatched request of this app (a stale copy, or another app's).
             self.dead_letter(message, reason=f"unknown task {name!r} and no request it names")
 
     def dead_letter(
@@ -433,8 +514,13 @@ class Heartbeat:
             log.warning("could not record a dead letter: %s", type(error).__name__)
 
     def start(self) -> None:
-        """Start heartbeating (the pool is up, tasks may arrive)."""
-        self.send()
+        """Start heartbeating (the pool is up, tasks may arrive). Another worker that took
+        the name meanwhile (both started at once) keeps it: this one shuts down."""
+        holder = self.send()
+        if holder is not None:
+            log.error("%s; shutting down", _taken(holder))
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         self.thread = threading.Thread(target=self._loop, name="bgqueue-heartbeat", daemon=True)
         self.thread.start()
 
@@ -445,28 +531,36 @@ class Heartbeat:
             # A heartbeat being sent now would announce the worker again after it left.
             self.thread.join(self.app.settings.heartbeat_timeout)
         try:
-            self.app.call(
-                "heartbeat",
-                [self.app.keys.workers, self.app.keys.alive],
-                [runtime.context.name, "{}", 0],
-                wake=True,
-            )
+            self._heartbeat("{}", 0, wake=True)
         except Exception as exc:
             log.warning("could not announce leaving: %s", type(exc).__name__)
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.app.settings.heartbeat_interval):
             try:
-                self.send()
+                holder = self.send()
             except Exception as exc:  # keep beating through broker blips
                 log.warning("heartbeat failed: %s", type(exc).__name__)
+                continue
+            if holder is not None:  # its heartbeat lapsed (a partition?) and another took it
+                log.error(
+                    "worker %s: another live worker (pid %s on %s) has taken its name",
+                    runtime.context.name,
+                    holder.get("pid"),
+                    holder.get("host"),
+                )
 
-    def send(self) -> None:
-        """Publish conditions and slots; wake beat when they change what may run here."""
+    def send(self) -> dict[str, Any] | None:
+        """Publish conditions, class and slots; wake beat when they change what may run
+        here. Returns the heartbeat of another live worker holding the name, if one does."""
         from celery.worker import state
 
         found = runtime.context.conditions(0)
+        old_class = self.class_id
+        self.class_id, self.class_json = worker_class(self.app, found, self.serves_continuous)
         beat = {
+            "class": self.class_id,
+            "token": self.token,
             "conditions": found,
             "concurrency": self.concurrency,
             "busy": len(state.active_requests),
@@ -478,14 +572,22 @@ class Heartbeat:
         }
         timeout_ms = int(self.app.settings.heartbeat_timeout * 1000)
         changed = found != self.last
+        reply = self._heartbeat(json.dumps(beat), timeout_ms, wake=changed)
+        if reply[0] == b"taken":
+            holder: dict[str, Any] = json.loads(reply[1])
+            return holder
+        runtime.context.offset = int(reply[1]) / 1000 - time.time()
         if changed and self.last is not None:
             log.info("worker %s conditions now %s", runtime.context.name, found)
-            self.follow(self.last, found)
-        self.app.call(
-            "heartbeat",
-            [self.app.keys.workers, self.app.keys.alive],
-            [runtime.context.name, json.dumps(beat), timeout_ms],
-            wake=changed,
-        )
+            if self.class_id != old_class:
+                self.follow(old_class)
         self.last = found
         self.app.announce()
+        return None
+
+    def _heartbeat(self, beat: str, timeout_ms: int, wake: bool) -> Any:
+        k = self.app.keys
+        args = [runtime.context.name, beat, timeout_ms, self.token, self.class_id, self.class_json]
+        return self.app.call(
+            "heartbeat", [k.workers, k.alive, k.classes, k.classlive], args, wake=wake
+        )

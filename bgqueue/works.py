@@ -385,10 +385,17 @@ def _clock(beat: Any) -> IdleClock:
     return _clocks[beat]
 
 
-def dispatch(beat: Any, app: AppKeys, live: dict[str, dict[str, Any]]) -> float:
-    """Send every due work to a matching live worker; seconds until one is next due."""
+def dispatch(beat: Any, app: AppKeys) -> float:
+    """Send every due work to a matching live worker that has its handler; seconds until
+    one is next due. Live workers are read only when a work is due."""
     raw = beat.scripts.work_due(keys=[app.works, app.work_due], args=[])
     now = int(raw[0])
+    if len(raw) < 3:
+        return float("inf")
+    if float(raw[2]) > now:  # earliest first: nothing is due yet
+        return (float(raw[2]) - now) / 1000
+    live = beat.live_workers(app)
+    handlers = {name: beat.class_of(app, heartbeat)["w"] for name, heartbeat in live.items()}
     clock = _clock(beat)
     clock.observe(app.app_id, live, now)
     load = {name: float(hb.get("busy", 0)) for name, hb in live.items()}
@@ -402,7 +409,8 @@ def dispatch(beat: Any, app: AppKeys, live: dict[str, dict[str, Any]]) -> float:
         info = _info(app, work_id, raw[i + 2]) if live else None
         if info is None:
             continue
-        worker, wait = _pick(info, live, load, clock, app.app_id, now)
+        able = {name: hb for name, hb in live.items() if info.ability_name in handlers[name]}
+        worker, wait = _pick(info, able, load, clock, app.app_id, now)
         next_due = min(next_due, wait)
         if worker is not None:
             picks[work_id] = worker
@@ -496,15 +504,7 @@ def sweep(beat: Any, app: AppKeys, live: dict[str, dict[str, Any]]) -> None:
 def _queued(
     beat: Any, app: AppKeys, live: dict[str, dict[str, Any]], records: list[Any]
 ) -> set[str]:
-    """Live workers, among those of dispatched works, whose own queue is not empty (in any
-    of the lists kombu keeps per priority step, see AppKeys.queue_lists)."""
+    """Live workers, among those of dispatched works, whose own queue is not empty."""
     workers = sorted({json.loads(raw).get("w") for raw in records if raw} & set(live))
-    steps = app.KOMBU_PRIORITY_STEPS[1:]
-    with beat.client.pipeline(transaction=False) as pipe:
-        for worker in workers:
-            name = app.worker_queue(worker)
-            for key in [name, *(f"{name}{app.KOMBU_SEP}{step}" for step in steps)]:
-                pipe.llen(key)
-        lengths = pipe.execute()
-    per = len(steps) + 1
-    return {w for i, w in enumerate(workers) if any(lengths[i * per : (i + 1) * per])}
+    busy = beat.queued(app, [app.worker_queue(worker) for worker in workers])
+    return {worker for worker in workers if app.worker_queue(worker) in busy}

@@ -50,9 +50,15 @@ def _kill_processes_at_teardown(cluster: Cluster) -> Iterator[None]:
     cluster.kill_all()
 
 
-def worker(cluster: Cluster, name: str, continuous: bool = True, concurrency: int = 1) -> Any:
+def worker(
+    cluster: Cluster,
+    name: str,
+    continuous: bool = True,
+    concurrency: int = 1,
+    env: dict[str, str] | None = None,
+) -> Any:
     return cluster.worker(
-        name, concurrency=concurrency, continuous=continuous, app=APP, app_id=APP_ID
+        name, concurrency=concurrency, continuous=continuous, app=APP, app_id=APP_ID, env=env
     )
 
 
@@ -318,6 +324,27 @@ def test_handler_endings(
     assert waited >= GRACE
     wait_for(lambda: pid_gone(stubborn["pid"]), 5, "the stubborn pool process to be killed")
     assert len(cancels) == 2  # the app's own stop is not announced
+
+
+def test_rolling_deploy_runs_a_continuous_task_only_where_its_handler_is(
+    cluster: Cluster, app: bg.BackgroundApp, redis_client: redis.Redis
+) -> None:
+    """An old continuous worker without the 'download' handler never gets that task: it
+    stays pending, uncancelled; a new build joins and runs it. (Before, the old worker took
+    it and cancelled it with SYSTEM_CANCEL.)"""
+    cancels: list[bg.ContinuousTaskCancelInfo] = []
+    app.on("continuousTaskCancel", cancels.append)
+    worker(cluster, "old", env={"TEST_OMIT": "download"})
+    cluster.beat()
+    app.start_background_running("download", [Mode.DATA_TRANSFER], payload={"progress": 0.2})
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert tasks(app)["download"].state == "pending" and not cancels
+        time.sleep(0.05)
+    worker(cluster, "new")
+    began = first(redis_client, "start", "download")
+    assert began["worker"] == "new"
+    assert tasks(app)["download"].state == "running" and not cancels
 
 
 # --- worker loss -------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from kombu.transport import redis as kombu_redis
 
 import bgqueue as bg
 from bgqueue import efficiency
+from bgqueue.celery_config import celery_config
 from bgqueue.keys import AppKeys
 from tests.apps import efficient
 from tests.harness import Cluster, wait_for
@@ -58,10 +59,13 @@ def events(client: redis.Redis, event: str | None = None) -> list[dict[str, Any]
 
 
 def queued(client: redis.Redis, app: bg.BackgroundApp, lane: int | None = None) -> int:
-    """Messages waiting in the app's profile-0 queue (one priority step, or all of them)."""
-    lists = app.keys.queue_lists(0)
+    """Messages waiting in the queues of the app's worker classes (one priority step, or all
+    of them)."""
+    classes = [c.decode() for c in client.zrange(app.keys.classlive, 0, -1)]
+    lists = [name for c in classes for name in app.keys.queue_lists(app.keys.class_queue(c))]
     if lane is not None:
-        lists = [lists[app.keys.KOMBU_PRIORITY_STEPS.index(lane)]]
+        steps = len(app.keys.KOMBU_PRIORITY_STEPS)
+        lists = lists[app.keys.KOMBU_PRIORITY_STEPS.index(lane) :: steps]
     return sum(client.llen(name) for name in lists)
 
 
@@ -300,15 +304,17 @@ def test_resource_types_and_kombu_layout_match_their_sources() -> None:
     }
     assert tuple(int(t) for t in R) == AppKeys.RESOURCE_BITS
     assert kombu_redis.Channel.sep == AppKeys.KOMBU_SEP
-    assert list(AppKeys.KOMBU_PRIORITY_STEPS) == kombu_redis.PRIORITY_STEPS
-    channel: Any = type("Steps", (), {"priority_steps": kombu_redis.PRIORITY_STEPS})()
+    # bgqueue gives kombu two of its priority steps (celery_config), one per lane.
+    steps = celery_config("redis://x")["broker_transport_options"]["priority_steps"]
+    assert steps == list(AppKeys.KOMBU_PRIORITY_STEPS)
+    assert set(steps) <= set(kombu_redis.PRIORITY_STEPS)
+    channel: Any = type("Steps", (), {"priority_steps": steps})()
     channel.sep = kombu_redis.Channel.sep
     channel.priority = lambda n: kombu_redis.Channel.priority(channel, n)
     app_keys = AppKeys("x")
-    expected = [
-        kombu_redis.Channel._q_for_pri(channel, app_keys.queue(5), step) for step in (0, 3, 6, 9)
-    ]
-    assert app_keys.queue_lists(5) == expected
+    name = app_keys.class_queue("c")
+    expected = [kombu_redis.Channel._q_for_pri(channel, name, step) for step in steps]
+    assert app_keys.queue_lists(name) == expected
     lanes = {efficiency.PRIORITY_LANE, efficiency.NORMAL_LANE}
     assert {kombu_redis.Channel.priority(channel, lane) for lane in lanes} == lanes
-    assert kombu_redis.PRIORITY_STEPS.index(efficiency.PRIORITY_LANE) == 0  # served first
+    assert steps.index(efficiency.PRIORITY_LANE) == 0  # served first

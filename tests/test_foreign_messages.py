@@ -30,7 +30,6 @@ import bgqueue as bg
 from bgqueue import deadletter, keys
 from bgqueue.celery_config import celery_config
 from bgqueue.embedded import RedisServer
-from bgqueue.requests import PROFILE_COUNT
 from bgqueue.status import report
 from tests.harness import APP_ID, Cluster, events, wait_for
 
@@ -66,6 +65,11 @@ class Live:
 
     def dead_letters(self) -> list[deadletter.DeadLetter]:
         return deadletter.read(self.client, APP_KEYS, deadletter.CAP)
+
+    def queue(self) -> str:
+        """The queue of the module worker's class (its only one)."""
+        [class_id] = self.client.zrange(APP_KEYS.classlive, 0, -1)
+        return APP_KEYS.class_queue(class_id.decode())
 
     def wake_beat(self) -> None:
         self.client.publish(keys.BEAT_WAKE, APP_ID)
@@ -107,10 +111,15 @@ def live(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def bystander(client: redis.Redis) -> tuple[Any, Any]:
-    """The bystander request's record and due score: neither may change."""
-    member = keys.member(BYSTANDER_SCOPE, BYSTANDER)
+    """The bystander request's record and scheduled date: neither may change."""
     record = client.hget(APP_KEYS.requests(BYSTANDER_SCOPE), BYSTANDER)
-    return record, client.zscore(APP_KEYS.due(0), member)
+    return record, client.zscore(APP_KEYS.sched(0, BYSTANDER_SCOPE), BYSTANDER)
+
+
+def schedule(client: redis.Redis, scope: str, identifier: str, profile: int = 0) -> None:
+    """Put an identifier on a scope's schedule, due now, as submit.lua would."""
+    client.zadd(APP_KEYS.sched(profile, scope), {identifier: 0})
+    client.zadd(APP_KEYS.due(profile), {scope: 0})
 
 
 @pytest.fixture
@@ -175,48 +184,55 @@ def test_malformed_request_record_is_dead_lettered(untouched: Live, raw: bytes) 
     identifier = f"{PREFIX}foreign.{uuid.uuid4().hex[:8]}"
     live.client.delete(APP_KEYS.deadletter)
     live.client.hset(APP_KEYS.requests("default"), identifier, raw)
-    live.client.zadd(APP_KEYS.due(0), {keys.member("default", identifier): 0})
+    schedule(live.client, "default", identifier)
     live.wake_beat()
     entry = dead_lettered(live, "request record")
-    assert entry.source == f"{APP_KEYS.requests('default')} {identifier}"
+    assert entry.source == f"{APP_KEYS.sched(0, 'default')} {identifier}"
     assert entry.raw == raw.decode(errors="replace")
     assert entry.at is not None
     assert live.client.hget(APP_KEYS.requests("default"), identifier) is None
-    assert live.client.zscore(APP_KEYS.due(0), keys.member("default", identifier)) is None
+    assert live.client.zscore(APP_KEYS.sched(0, "default"), identifier) is None
 
 
 @pytest.mark.parametrize(
-    ("member", "why"),
-    [
-        ("no-separator-at-all", "no scope separator"),
-        (keys.member("default", PREFIX + "nothing.here"), "names no request record"),
-        (keys.member("default", "#refresh"), "names no request record"),
-        (keys.member(BYSTANDER_SCOPE, "\x00\xff"), "names no request record"),
-    ],
+    ("scope", "identifier"),
+    [("default", PREFIX + "nothing.here"), ("default", "#refresh"), (BYSTANDER_SCOPE, "\x00\xff")],
 )
-def test_bogus_due_member_is_dead_lettered(untouched: Live, member: str, why: str) -> None:
-    """A due-set member that names no pending request is dropped into the dead letter; the
+def test_bogus_schedule_entry_is_dead_lettered(
+    untouched: Live, scope: str, identifier: str
+) -> None:
+    """A schedule entry that names no pending request is dropped into the dead letter; the
     scope's bookkeeping fields ('#refresh') are not touched."""
     live = untouched
-    counts = live.client.hmget(APP_KEYS.requests("default"), "#refresh", "#processing")
+    counts = live.client.hmget(APP_KEYS.requests(scope), "#refresh", "#processing")
     live.client.delete(APP_KEYS.deadletter)
-    live.client.zadd(APP_KEYS.due(3), {member: 0})  # profile 3: the worker serves it
+    schedule(live.client, scope, identifier, 3)  # profile 3: the worker serves it
     live.wake_beat()
-    entry = dead_lettered(live, why)
-    assert entry.raw == member.encode().decode(errors="replace")
+    entry = dead_lettered(live, "names no request record")
+    assert entry.raw == identifier.encode().decode(errors="replace")
+    assert live.client.zcard(APP_KEYS.sched(3, scope)) == 0
     assert live.client.zcard(APP_KEYS.due(3)) == 0
-    assert live.client.hmget(APP_KEYS.requests("default"), "#refresh", "#processing") == counts
+    assert live.client.hmget(APP_KEYS.requests(scope), "#refresh", "#processing") == counts
 
 
-def test_due_member_of_a_dispatched_request_is_dead_lettered(untouched: Live) -> None:
-    """A member in a due set whose request is not pending (here: a record that says it was
+def test_index_entry_of_a_scope_with_nothing_scheduled_is_dropped(untouched: Live) -> None:
+    """An index entry naming a scope with nothing on its schedule is dropped by the claim
+    that looks there (it would otherwise be read again on every pass)."""
+    live = untouched
+    live.client.zadd(APP_KEYS.due(3), {"nobody-here": 0})
+    live.wake_beat()
+    wait_for(lambda: live.client.zcard(APP_KEYS.due(3)) == 0, 10, "the stray index entry to go")
+
+
+def test_schedule_entry_of_a_dispatched_request_is_dead_lettered(untouched: Live) -> None:
+    """A schedule entry whose request is not pending (here: a record that says it was
     dispatched) is dead-lettered and the record left alone."""
     live = untouched
     identifier = PREFIX + "dispatched.already"
     record = json.dumps({**VALID_RECORD, "s": "dispatched", "g": 10**9})
     live.client.hset(APP_KEYS.requests("other"), identifier, record)
     live.client.delete(APP_KEYS.deadletter)
-    live.client.zadd(APP_KEYS.due(0), {keys.member("other", identifier): 0})
+    schedule(live.client, "other", identifier)
     live.wake_beat()
     dead_lettered(live, "not pending")
     assert live.client.hget(APP_KEYS.requests("other"), identifier) == record.encode()
@@ -237,16 +253,16 @@ def test_wrong_type_due_set_is_moved_aside(untouched: Live) -> None:
 
 
 def test_wrong_type_request_hash_is_moved_aside(untouched: Live) -> None:
-    """A scope's request hash that is a list: the due member naming it and the key itself
-    go to the dead letter."""
+    """A scope's request hash that is a list: the key itself and the schedule entry naming
+    it go to the dead letter."""
     live = untouched
     scope = "listy"
     live.client.rpush(APP_KEYS.requests(scope), "one", "two")
     live.client.delete(APP_KEYS.deadletter)
-    live.client.zadd(APP_KEYS.due(0), {keys.member(scope, PREFIX + "a"): 0})
+    schedule(live.client, scope, PREFIX + "a")
     live.wake_beat()
-    entry = dead_lettered(live, "not a hash")
-    assert entry.raw == keys.member(scope, PREFIX + "a")
+    entry = dead_lettered(live, "names no request record")
+    assert entry.raw == PREFIX + "a"
     moved = dead_lettered(live, "a list where a hash belongs")
     assert json.loads(moved.raw) == ["one", "two"]
     assert live.client.type(APP_KEYS.requests(scope)) == b"none"
@@ -255,8 +271,7 @@ def test_wrong_type_request_hash_is_moved_aside(untouched: Live) -> None:
 # --- messages placed on the Celery queues the worker consumes ------------------------------
 
 
-def queue(profile: int = 0) -> str:
-    return APP_KEYS.queue(profile)
+QUEUE = "@queue@"  # in a message built ahead, where the worker's class queue goes
 
 
 def envelope(body: bytes, headers: dict[str, Any], content_type: str = "application/json") -> str:
@@ -270,7 +285,7 @@ def envelope(body: bytes, headers: dict[str, Any], content_type: str = "applicat
             "properties": {
                 "body_encoding": "base64",
                 "delivery_tag": str(uuid.uuid4()),
-                "delivery_info": {"exchange": "", "routing_key": queue()},
+                "delivery_info": {"exchange": "", "routing_key": QUEUE},
                 "priority": 0,
                 "delivery_mode": 2,
             },
@@ -288,7 +303,7 @@ def task_body(args: Any = (), kwargs: Any = None) -> bytes:
 
 
 RUN = PREFIX + "process"
-GOOD = {"scope": "default", "gen": 1, "profile": 0}
+GOOD = {"scope": "default", "gen": 1, "requires": []}
 
 MESSAGES: list[tuple[str, str, str]] = [
     # (case, raw item LPUSHed onto the queue's list, expected words of the reason)
@@ -321,8 +336,8 @@ MESSAGES: list[tuple[str, str, str]] = [
         "wrong type",
     ),
     (
-        "profile out of range",
-        envelope(task_body(kwargs={**GOOD, "profile": PROFILE_COUNT}), celery_headers(RUN)),
+        "unknown requirement",
+        envelope(task_body(kwargs={**GOOD, "requires": ["warp_drive"]}), celery_headers(RUN)),
         "wrong type",
     ),
     ("body not a task body", envelope(b'{"a": 1}', celery_headers(RUN)), "invalid task message"),
@@ -352,9 +367,9 @@ def test_foreign_message_on_a_queue_is_dead_lettered(
     message and the reason; no request changes."""
     live = untouched
     live.client.delete(APP_KEYS.deadletter)
-    live.client.lpush(queue(), raw)
+    live.client.lpush(live.queue(), raw.replace(QUEUE, live.queue()))
     entry = dead_lettered(live, why)
-    assert entry.source == f"queue {queue()}"
+    assert entry.source == f"queue {live.queue()}"
     assert entry.raw
 
 
@@ -362,17 +377,17 @@ def test_raw_garbage_on_a_queue_list(untouched: Live) -> None:
     """Something that is not even a kombu message (not JSON) on a queue's list: the worker
     stays up and keeps serving."""
     live = untouched
-    live.client.lpush(queue(), b"\x00garbage, not a message")
-    wait_for(lambda: live.client.llen(queue()) == 0, 10, "the worker to take it off the queue")
+    live.client.lpush(live.queue(), b"\x00garbage, not a message")
+    wait_for(lambda: live.client.llen(live.queue()) == 0, 10, "the worker to take it off the queue")
 
 
 def test_stale_generation_changes_nothing(untouched: Live) -> None:
     """A well-formed message whose generation is not the record's (a duplicate or a stale
     copy) is skipped: the bystander's record is untouched (checked by `untouched`)."""
     live = untouched
-    kwargs = {"scope": BYSTANDER_SCOPE, "gen": 10**6, "profile": 0}
-    live.celery.send_task(BYSTANDER, kwargs=kwargs, queue=queue())
-    wait_for(lambda: live.client.llen(queue()) == 0, 10, "the worker to take the message")
+    kwargs = {"scope": BYSTANDER_SCOPE, "gen": 10**6, "requires": []}
+    live.celery.send_task(BYSTANDER, kwargs=kwargs, queue=live.queue())
+    wait_for(lambda: live.client.llen(live.queue()) == 0, 10, "the worker to take the message")
     record, _ = bystander(live.client)
     assert json.loads(record)["s"] == "pending"
 

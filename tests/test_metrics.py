@@ -89,7 +89,7 @@ def recount(client: redis.Redis, app_keys: keys.AppKeys, scopes: list[str]) -> d
             if field.startswith(b"#"):
                 continue
             record = json.loads(raw)
-            where = record["r"] if record["s"] == "pending" else "dispatched"
+            where = record["r"] if record["s"] == "pending" else record["s"]
             name = f"{record['k']}:{where}"
             counted[name] = counted.get(name, 0) + 1
     return counted
@@ -157,13 +157,14 @@ def test_beat_reports_pending_by_kind_and_reason_live_workers_and_lateness(
     assert pending(port, "processing", "not_due") == 1  # "a" still waits for its hour
 
 
-def test_a_profile_shared_by_kinds_is_split_by_kind(
+def test_the_first_reason_that_applies_is_reported_by_kind(
     cluster: Cluster, sample_app: bg.BackgroundApp, redis_client: redis.Redis
 ) -> None:
     """Refresh and processing requests in one profile, some due and some not, with no
-    worker able to run them: each kind is reported under its own reason (records of the
-    smaller side are read to split it), and the counts kept in Redis match a recount.
-    Without those counts (requests from before they were kept) both sides are read."""
+    worker able to run them: all of them wait for a capable worker, each kind counted apart
+    (no capable worker comes before not due: a date passing would not start them). They
+    become not_due once a capable worker is live, except those now due, which run. The
+    counts kept in Redis match a recount from the records."""
     port = free_port()
     cluster.start(["beat", "--metrics-port", str(port)], "beat")
     later = datetime.now(UTC) + timedelta(hours=1)
@@ -183,20 +184,18 @@ def test_a_profile_shared_by_kinds_is_split_by_kind(
         ]
     )
     waiting = {"app": APP_ID, "kind": "processing", "reason": "no_capable_worker"}
-    becomes(port, "bgqueue_pending_requests", 3, **waiting)
-    assert pending(port, "refresh", "no_capable_worker") == 1
-    assert pending(port, "processing", "not_due") == 1
-    assert pending(port, "refresh", "not_due") == 1
+    becomes(port, "bgqueue_pending_requests", 4, **waiting)
+    assert pending(port, "refresh", "no_capable_worker") == 2
+    assert pending(port, "processing", "not_due") == 0
     assert kept(redis_client, sample_app.keys) == recount(
         redis_client, sample_app.keys, ["default", "s2"]
     )
 
-    assert sample_app.scheduler.cancel(P + "c")
-    redis_client.delete(sample_app.keys.counts)
-    becomes(port, "bgqueue_pending_requests", 2, **waiting)
-    assert pending(port, "refresh", "no_capable_worker") == 1
-    assert pending(port, "processing", "not_due") == 1
+    cluster.worker("online", ["network=wifi"], concurrency=2)
+    becomes(port, "bgqueue_pending_requests", 1, app=APP_ID, kind="processing", reason="not_due")
     assert pending(port, "refresh", "not_due") == 1
+    assert pending(port, "processing", "no_capable_worker") == 0
+    wait_for(lambda: len(events(redis_client, "end")) == 4, 15, "the due ones to run")
 
 
 def test_counts_follow_every_transition(

@@ -21,6 +21,9 @@ import pytest
 import redis
 
 import bgqueue as bg
+from bgqueue import status
+from bgqueue.beat import Beat
+from bgqueue.metrics import pending_requests
 from tests.harness import APP_ID, Cluster, events, wait_for
 
 PREFIX = "com.bgqueue.test."
@@ -595,21 +598,44 @@ def test_continued_processing_lives_by_progress(
     assert len(events_of(redis_client, "end", CONTINUED, gen)) == 1
 
 
-def test_request_without_a_handler_on_the_worker_fails_visibly(
+def test_rolling_deploy_offers_a_request_only_to_a_worker_with_its_handler(
     cluster: Cluster, sample_app: bg.BackgroundApp, redis_client: redis.Redis
 ) -> None:
-    """A permitted identifier that no worker registered is recorded failed (naming the
-    missing handler) instead of being published again and again; the worker keeps serving."""
+    """During a rolling deploy an old build without B's handler serves alone: B is never
+    offered to it and waits, shown as no_handler; when a message for B reaches it anyway
+    (routed by a stale view), it hands it back unharmed. A new build joins and runs B once.
+    (Before, the old worker consumed B and recorded it 'failed: no launch handler'.)"""
+    old = cluster.worker("old", concurrency=1, env={"TEST_OMIT": B})
+    sample_app.scheduler.submit(bg.ProcessingTaskRequest(B, payload={"complete": True}))
+    # A beat whose view wrongly says the old class has B's handler claims and sends it there.
+    stale = Beat(cluster.redis_url)
+    view = stale.view(sample_app.keys)
+    [old_class] = view.classes
+    view.routes[0][B] = [old_class]
+    claimed = stale._claim(sample_app.keys, 0, ["default"], view, view.now)
+    assert [c.identifier for c in claimed] == [B]
+    stale.publish(sample_app.keys, claimed, view.now)
+    wait_for(lambda: raw_record(redis_client, B).get("s") == "pending", 10, "B handed back")
+    assert "handed it back" in old.log()
+    assert raw_record(redis_client, B)["a"] == 0 and sample_app.scheduler.history() == []
+
     cluster.beat()
-    cluster.worker("w1", concurrency=1)
-    sample_app.scheduler.submit(bg.ProcessingTaskRequest("com.bgqueue.test.unhandled"))
-    record = wait_for(lambda: sample_app.scheduler.history(), message="the refused request")[0]
-    assert (record.identifier, record.state, record.success) == (
-        "com.bgqueue.test.unhandled",
-        "failed",
-        False,
+    sample_app.scheduler.submit(bg.ProcessingTaskRequest(A, payload={"complete": True}))
+    assert finished(sample_app.scheduler, A).worker == "old"  # the old build serves the rest
+    assert_holds(
+        lambda: (
+            raw_record(redis_client, B).get("s") == "parked"
+            and not events(redis_client, "start", B)
+        ),
+        1.0,
+        "B waits for a worker with its handler",
     )
-    assert "no launch handler" in record.reason and record.worker == "w1"
+    assert "no_handler: 1" in status.report(redis_client)
+    waiting = pending_requests(redis_client, sample_app.keys, set(range(16)), 0)
+    assert waiting[("processing", "no_handler")] == 1
+
+    cluster.worker("new", concurrency=1)
+    record = finished(sample_app.scheduler, B)
+    assert (record.state, record.success, record.worker) == ("completed", True, "new")
+    assert_holds(lambda: len(events(redis_client, "start", B)) == 1, 0.5, "one run of B")
     assert sample_app.scheduler.pending_task_requests() == []
-    sample_app.scheduler.submit(bg.ProcessingTaskRequest("com.bgqueue.test.a"))
-    wait_for(lambda: events(redis_client, "end", "com.bgqueue.test.a"), message="the next request")

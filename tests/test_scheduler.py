@@ -73,7 +73,7 @@ def due_score(
     identifier: str,
     scope: str = "default",
 ) -> float | None:
-    return client.zscore(app.keys.due(profile), keys.member(scope, identifier))
+    return client.zscore(app.keys.sched(profile, scope), identifier)
 
 
 def sample_record(client: redis.Redis, identifier: str) -> dict[str, Any] | None:
@@ -656,9 +656,9 @@ def test_replaced_future_request_runs_once_when_resubmitted_due_now(
     assert start["payload"] == {"v": 2, "complete": True}
     # Nothing is left that could run it again: no record, no due entry, no lease.
     assert sample_app.scheduler.pending_task_requests() == []
-    member = keys.member("default", name)
-    assert all(redis_client.zscore(k, member) is None for k in sample_app.keys.due_all)
-    assert redis_client.zscore(sample_app.keys.leases, member) is None
+    scheduled = sample_app.keys.sched_all("default")
+    assert all(redis_client.zscore(k, name) is None for k in scheduled)
+    assert redis_client.zscore(sample_app.keys.leases, keys.member("default", name)) is None
 
 
 def test_cancel_and_replace_after_dispatch(

@@ -55,10 +55,16 @@ def app(redis_url: str) -> bg.BackgroundApp:
     return producer(redis_url)
 
 
-def worker(group: Cluster, name: str, *conditions: str, concurrency: int = 1) -> Any:
+def worker(
+    group: Cluster,
+    name: str,
+    *conditions: str,
+    concurrency: int = 1,
+    env: dict[str, str] | None = None,
+) -> Any:
     """A `bgqueue worker` of the works app with these `--condition`s, once its heartbeat is live."""
     return group.worker(
-        name, list(conditions), concurrency=concurrency, app=WORKS_APP, app_id=APP_ID
+        name, list(conditions), concurrency=concurrency, app=WORKS_APP, app_id=APP_ID, env=env
     )
 
 
@@ -378,6 +384,25 @@ def test_slow_on_work_stop_holds_neither_the_lease_nor_the_run_limit(
     wait_for(lambda: time.time() >= begun["t"] + RUN_LIMIT + 4.5, 10, "on_work_stop's 4 s")
     assert len(events(client, "start", 1)) == 1
     assert events(client, "end", 1) == []  # killed before its slow wrap-up released it
+
+
+def test_rolling_deploy_runs_a_work_only_where_its_extension_is(
+    fast: Cluster, app: bg.BackgroundApp
+) -> None:
+    """An old build without the work's extension never gets the work: it waits; a new build
+    joins and runs it once. (Before, the old worker took it and ended it as failed.)"""
+    client = fast.client
+    worker(fast, "old", env={"TEST_OMIT": "record"})
+    fast.beat()
+    app.start_work(one_shot(1))
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert events(client, "start", 1) == [] and work_ids(app) == [1]
+        time.sleep(0.05)
+    worker(fast, "new")
+    ran = wait_for(lambda: events(client, "end", 1), 15, "the run on the new build")
+    assert [e["worker"] for e in events(client, "start", 1)] == ["new"] == [ran[0]["worker"]]
+    wait_for(lambda: work_ids(app) == [], 10, "the one-shot work to be done")
 
 
 def test_stop_work_keeps_a_repeating_work_cancel_removes_it(

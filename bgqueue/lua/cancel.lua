@@ -1,46 +1,52 @@
--- Cancel not-yet-started requests of one scope (pending or dispatched). A dispatched
--- request's message may still reach a worker; it finds no record and is skipped,
--- which is why cancel is durable where Celery's revoke is not.
+-- Cancel not-yet-started requests of one scope (pending, parked or dispatched). A dispatched
+-- request's message may still reach a worker; it finds no record and is skipped, which is
+-- why cancel is durable where Celery's revoke is not.
 --
--- KEYS[1..16]  due:<profile> sorted sets, profiles 0..15 in order
--- KEYS[17]     leases
--- KEYS[18]     req:<scope>
--- KEYS[19]     history:<scope>
--- KEYS[20]     counts: "<kind>:<profile>" pending, "<kind>:dispatched" (keys.py)
--- KEYS[21]     deadletter (bgqueue/deadletter.py)
--- ARGV[1]      scope
--- ARGV[2]      history length cap
--- ARGV[3..]    identifiers to cancel; none means every request of the scope
+-- KEYS[1..16]   due:<profile>, profiles 0..15
+-- KEYS[17..32]  sched:<profile>:<scope>, profiles 0..15
+-- KEYS[33]      req:<scope>
+-- KEYS[34]      leases
+-- KEYS[35]      parked
+-- KEYS[36]      history:<scope>
+-- KEYS[37]      counts
+-- KEYS[38]      deadletter
+-- ARGV[1]       scope
+-- ARGV[2], [3]  history: length cap, retention ms (bgqueue/settings.py)
+-- ARGV[4..]     identifiers to cancel; none means every request of the scope
 -- Returns the number of requests cancelled, or {'foreign', key, type} when a key it would
--- write holds another type (then nothing is written). A record that is not a request's
--- is moved to the dead letter and removed, without a history entry.
+-- write holds another type (then nothing is written). A record that is not a request's is
+-- moved to the dead letter and removed, without a history entry.
 
 -- include: deadletter
+-- include: requests
+-- include: history
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local scope, key = ARGV[1], KEYS[18]
+local DUE, SCHED, REQ, LEASES, PARKED, HISTORY, COUNTS, DL = 0, 16, 33, 34, 35, 36, 37, 38
+local scope = ARGV[1]
 
+local req_type = redis.call('TYPE', KEYS[REQ])['ok']
+if req_type ~= 'none' and req_type ~= 'hash' then return {'foreign', KEYS[REQ], req_type} end
 local ids = {}
-if #ARGV > 2 then
-  for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+if #ARGV > 3 then
+  for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
 else
-  for _, field in ipairs(redis.call('HKEYS', key)) do
+  for _, field in ipairs(redis.call('HKEYS', KEYS[REQ])) do
     if string.sub(field, 1, 1) ~= '#' then ids[#ids + 1] = field end
   end
 end
 
--- Read and check everything first (wrong_type: a script that fails half-way keeps its
--- first writes).
-local records, foreign = {}, {}
-local wanted = {[KEYS[17]] = 'zset', [KEYS[19]] = 'list', [KEYS[20]] = 'hash'}
+-- Read and check everything before the first write.
+local records, foreign, fields = {}, {}, {}
+local wanted = {[KEYS[LEASES]] = 'zset', [KEYS[PARKED]] = 'zset', [KEYS[HISTORY]] = 'list',
+                [KEYS[COUNTS]] = 'hash'}
 for _, id in ipairs(ids) do
-  local raw = redis.call('HGET', key, id)
+  local raw = redis.call('HGET', KEYS[REQ], id)
   if raw then
     local rec, why = request_record(raw)
     if rec then
       records[#records + 1] = {id, rec}
-      wanted[KEYS[rec['r'] + 1]] = 'zset'
+      wanted[KEYS[DUE + rec['r'] + 1]], wanted[KEYS[SCHED + rec['r'] + 1]] = 'zset', 'zset'
+      fields[#fields + 1] = rec['k'] .. ':' .. place_of(rec)
     else
       foreign[#foreign + 1] = {id, why, raw}
     end
@@ -48,28 +54,27 @@ for _, id in ipairs(ids) do
 end
 local wrong, found = wrong_type(wanted)
 if wrong then return {'foreign', wrong, found} end
-for _, entry in ipairs(foreign) do
-  redis.call('HDEL', key, entry[1])
-  dead_letter(KEYS[21], key .. ' ' .. entry[1], entry[2] .. '; removed by a cancel', entry[3])
-end
 
-local cancelled = 0
+fix_counters(KEYS[DL], KEYS[COUNTS], fields, KEYS[REQ])
+for _, entry in ipairs(foreign) do
+  redis.call('HDEL', KEYS[REQ], entry[1])
+  dead_letter(KEYS[DL], KEYS[REQ] .. ' ' .. entry[1], entry[2] .. '; removed by a cancel', entry[3])
+end
 for _, entry in ipairs(records) do
   local id, rec = entry[1], entry[2]
-  do
-    local m = scope .. '\31' .. id
-    redis.call('ZREM', KEYS[rec['r'] + 1], m)
-    redis.call('ZREM', KEYS[17], m)
-    redis.call('HDEL', key, id)
-    local was = rec['s'] == 'pending' and rec['r'] or 'dispatched'
-    redis.call('HINCRBY', KEYS[20], rec['k'] .. ':' .. was, -1)
-    local class = rec['k'] == 'refresh' and '#refresh' or '#processing'
-    if redis.call('HINCRBY', key, class, -1) <= 0 then redis.call('HDEL', key, class) end
-    redis.call('LPUSH', KEYS[19], cjson.encode({
-      i = id, sc = scope, k = rec['k'], s = 'cancelled', ok = false,
-      fa = now, g = rec['g'] or 0, a = rec['a'] or 0, why = 'cancelled by the producer'}))
-    cancelled = cancelled + 1
+  if rec['s'] == 'pending' then
+    unschedule(KEYS[DUE + rec['r'] + 1], KEYS[SCHED + rec['r'] + 1], scope, id)
+  elseif rec['s'] == 'parked' then
+    redis.call('ZREM', KEYS[PARKED], rec['r'] .. '\31' .. scope .. '\31' .. id)
+  else
+    redis.call('ZREM', KEYS[LEASES], scope .. '\31' .. id)
   end
+  redis.call('HDEL', KEYS[REQ], id)
+  count(KEYS[COUNTS], rec, place_of(rec), -1)
+  hold(KEYS[REQ], rec, -1)
+  remember(KEYS[HISTORY], {
+    i = id, sc = scope, k = rec['k'], s = 'cancelled', ok = false,
+    fa = now, g = rec['g'] or 0, a = rec['a'], why = 'cancelled by the producer'},
+    ARGV[2], ARGV[3])
 end
-if cancelled > 0 then redis.call('LTRIM', KEYS[19], 0, tonumber(ARGV[2]) - 1) end
-return cancelled
+return #records

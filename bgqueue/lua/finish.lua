@@ -4,25 +4,38 @@
 -- KEYS[2]  runleases
 -- KEYS[3]  history:<scope>
 -- KEYS[4]  expire
+-- KEYS[5]  deadletter
 -- ARGV[1]  generation
 -- ARGV[2]  end state: completed | failed | expired
 -- ARGV[3]  success, 1 or 0
 -- ARGV[4]  history length cap
--- ARGV[5]  reason (free text, may be empty)
+-- ARGV[5]  history retention, ms
+-- ARGV[6]  reason (free text, may be empty)
+-- ARGV[7], [8]  identifier and kind, for the history entry if the running record is not
+--          bgqueue's (it is dead-lettered then)
 -- Returns 1, or 0 if the run had already been given up as lost and requeued
 -- (the request then runs twice: at-least-once).
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- include: deadletter
+-- include: requests
+-- include: history
+
+local RUNNING, RUNLEASES, HISTORY, EXPIRE, DL = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local gen = ARGV[1]
-local raw = redis.call('HGET', KEYS[1], gen)
+local wanted = {[RUNNING] = 'hash', [RUNLEASES] = 'zset', [HISTORY] = 'list', [EXPIRE] = 'set'}
+for key, kind in pairs(wanted) do dead_letter_key(DL, key, kind, 'finish met a key') end
+local raw = redis.call('HGET', RUNNING, gen)
 if not raw then return 0 end
-local rec = cjson.decode(raw)
-redis.call('HDEL', KEYS[1], gen)
-redis.call('ZREM', KEYS[2], gen)
-redis.call('SREM', KEYS[4], gen)
-redis.call('LPUSH', KEYS[3], cjson.encode({
+local ok, rec = pcall(cjson.decode, raw)
+if not ok or type(rec) ~= 'table' then
+  dead_letter(DL, RUNNING .. ' ' .. gen, 'running record is not JSON', raw)
+  rec = {i = ARGV[7], k = ARGV[8], a = 0}
+end
+redis.call('HDEL', RUNNING, gen)
+redis.call('ZREM', RUNLEASES, gen)
+redis.call('SREM', EXPIRE, gen)
+remember(HISTORY, {
   i = rec['i'], sc = rec['sc'], k = rec['k'], s = ARGV[2], ok = ARGV[3] == '1',
-  sa = rec['sa'], fa = now, w = rec['w'], g = rec['g'], a = rec['a'], why = ARGV[5]}))
-redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[4]) - 1)
+  sa = rec['sa'], fa = now, w = rec['w'], g = rec['g'], a = rec['a'], why = ARGV[6]},
+  ARGV[4], ARGV[5])
 return 1

@@ -1,58 +1,50 @@
--- Renew the lease of dispatched requests whose lease lapsed (the claim was never
--- published, the message waits behind a backlog, or it was lost) and return them;
--- beat publishes again those whose queue has drained. The generation stays the
--- same, so if the first message does arrive, only one of the two starts.
+-- Renew the lease of dispatched requests whose lease lapsed (the claim was never published,
+-- the message waits behind a backlog, or it was lost) and return them: beat publishes again
+-- those whose class queue has drained, and hands back to pending (release.lua) those whose
+-- class has no live worker left. The generation stays the same, so if the first message
+-- does arrive, only one of the two starts.
 --
--- KEYS[1]   leases
--- KEYS[2..] req:<scope> of each candidate, in ARGV order
--- KEYS[last] deadletter (bgqueue/deadletter.py)
--- ARGV[1]   new lease, ms
--- ARGV[2..] candidate members, as read by ZRANGEBYSCORE
--- Returns a flat list: member, generation, record JSON for each renewed request.
--- A member naming no request, a record that is not a request's JSON or a req:<scope> that
--- is not a hash goes to the dead letter (and the lease with it) instead of failing.
+-- KEYS[1]    leases
+-- KEYS[2]    deadletter
+-- KEYS[3..]  req:<scope> of each candidate, in ARGV order
+-- ARGV[1]    new lease, ms
+-- ARGV[2..]  candidate members "<scope>\31<identifier>", as read by ZRANGEBYSCORE
+-- Returns a flat list, five values per renewed request: member, generation, class,
+-- profile, earliest-begin ms. A lease naming no dispatched request is dropped; foreign
+-- data met is dead-lettered first.
 
 -- include: deadletter
+-- include: requests
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local dl = KEYS[#KEYS]
+local LEASES, DL = KEYS[1], KEYS[2]
+local wanted = {[LEASES] = 'zset'}
+for i = 2, #ARGV do wanted[KEYS[i + 1]] = 'hash' end
+for key, kind in pairs(wanted) do dead_letter_key(DL, key, kind, 'lapsed met a key') end
+
 local out = {}
-
--- The record of a lapsed member, or nil (anything foreign met is dead-lettered).
-local function record(m, key)
-  local sep = string.find(m, '\31', 1, true)
-  if not sep then
-    dead_letter(dl, KEYS[1], 'lease member names no request (no scope separator)', m)
-    return nil
-  end
-  local id = string.sub(m, sep + 1)
-  local raw = redis.pcall('HGET', key, id)
-  if type(raw) == 'table' and raw['err'] then
-    dead_letter_key(dl, key, 'hash', 'request hash unreadable')
-    return nil
-  end
-  if not raw or string.sub(id, 1, 1) == '#' then return nil end  -- started or cancelled
-  local rec, why = request_record(raw)
-  if not rec then
-    redis.call('HDEL', key, id)
-    dead_letter(dl, key .. ' ' .. id, why, raw)
-  end
-  return rec
-end
-
 for i = 2, #ARGV do
-  local m, key = ARGV[i], KEYS[i]
-  local score = redis.call('ZSCORE', KEYS[1], m)
+  local m, req = ARGV[i], KEYS[i + 1]
+  local score = redis.call('ZSCORE', LEASES, m)
   if score and tonumber(score) <= now then
-    local rec = record(m, key)
-    if rec and rec['s'] == 'dispatched' and type(rec['g']) == 'number' then
-      redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), m)
-      out[#out + 1] = m
-      out[#out + 1] = rec['g']
-      out[#out + 1] = cjson.encode(rec)
+    local id = string.match(m, '^[^\31]+\31(.+)$')
+    local raw = id and redis.call('HGET', req, id)
+    local rec, why = nil, 'lease names no request'
+    if raw then rec, why = request_record(raw) end
+    if rec and rec['s'] == 'dispatched' then
+      redis.call('ZADD', LEASES, now + tonumber(ARGV[1]), m)
+      local date = rec['x'] and 0 or rec['e']  -- x: a simulated launch waived the date
+      for _, value in ipairs({m, rec['g'], rec['q'] or '', rec['r'], date}) do
+        out[#out + 1] = value
+      end
     else
-      redis.call('ZREM', KEYS[1], m)
+      redis.call('ZREM', LEASES, m)  -- started, cancelled or replaced meanwhile
+      if raw and not rec then
+        redis.call('HDEL', req, id)
+        recount(req)
+        dead_letter(DL, req .. ' ' .. id, why, raw)
+      elseif not id then
+        dead_letter(DL, LEASES, 'lease member names no request (no scope separator)', m)
+      end
     end
   end
 end

@@ -1,43 +1,65 @@
--- Give up a run whose lease lapsed (its worker or pool process died): record the
--- attempt as failed and put the request back to pending, unless a newer request
--- with the same identifier is already waiting or the attempts are used up.
+-- Give up a run whose lease lapsed (its worker or pool process died): record the attempt
+-- as failed and put the request back to pending, unless a newer request with the same
+-- identifier is already waiting or the attempts are used up. A requeued run does not count
+-- against the scope's pending limit (it was accepted once already): it waits as 'retrying',
+-- so a scope may hold one pending refresh and one retrying (docs/architecture.md).
 --
 -- KEYS[1]  running
 -- KEYS[2]  runleases
--- KEYS[3]  history:<scope>
--- KEYS[4]  req:<scope>
--- KEYS[5]  due:<profile> of the request
--- KEYS[6]  expire
--- KEYS[7]  counts: "<kind>:<profile>" pending (keys.py)
+-- KEYS[3]  expire
+-- KEYS[4]  deadletter
+-- KEYS[5]  history:<scope>         (absent when beat could not read the running record:
+-- KEYS[6]  req:<scope>              the record is then dead-lettered and the run dropped)
+-- KEYS[7]  sched:<profile>:<scope>
+-- KEYS[8]  due:<profile>
+-- KEYS[9]  counts
 -- ARGV[1]  generation
--- ARGV[2]  history length cap
--- ARGV[3]  maximum attempts
+-- ARGV[2]  maximum attempts
+-- ARGV[3], [4]  history: length cap, retention ms
 -- Returns 0 if the lease is live (nothing done), 1 requeued, 2 dropped.
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- include: deadletter
+-- include: requests
+-- include: history
+
+local RUNNING, RUNLEASES, EXPIRE, DL = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local HISTORY, REQ, SCHED, DUE, COUNTS = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local gen = ARGV[1]
-local score = redis.call('ZSCORE', KEYS[2], gen)
+local wanted = {[RUNNING] = 'hash', [RUNLEASES] = 'zset', [EXPIRE] = 'set'}
+if HISTORY then
+  wanted[HISTORY], wanted[REQ], wanted[SCHED], wanted[DUE], wanted[COUNTS] =
+    'list', 'hash', 'zset', 'zset', 'hash'
+end
+for key, kind in pairs(wanted) do dead_letter_key(DL, key, kind, 'recover met a key') end
+
+local score = redis.call('ZSCORE', RUNLEASES, gen)
 if not score or tonumber(score) > now then return 0 end
-local raw = redis.call('HGET', KEYS[1], gen)
-redis.call('ZREM', KEYS[2], gen)
-redis.call('SREM', KEYS[6], gen)
-if not raw then return 2 end
-redis.call('HDEL', KEYS[1], gen)
-local rec = cjson.decode(raw)
+local raw = redis.call('HGET', RUNNING, gen)
+local ok, rec = pcall(cjson.decode, raw or 'null')
+local sound = ok and type(rec) == 'table' and type(rec['i']) == 'string'
+  and type(rec['sc']) == 'string' and whole(rec['r']) and whole(rec['e'])
+  and whole(rec['a']) and REQUEST_KINDS[rec['k']]
+if raw and (not sound or not HISTORY) then
+  dead_letter(DL, RUNNING .. ' ' .. gen, 'running record unreadable; its run was dropped', raw)
+end
+redis.call('ZREM', RUNLEASES, gen)
+redis.call('SREM', EXPIRE, gen)
+redis.call('HDEL', RUNNING, gen)
+if not raw or not sound or not HISTORY then return 2 end
+
 local id, scope = rec['i'], rec['sc']
-local attempts = rec['a'] + 1
-redis.call('LPUSH', KEYS[3], cjson.encode({
+remember(HISTORY, {
   i = id, sc = scope, k = rec['k'], s = 'failed', ok = false, sa = rec['sa'], fa = now,
-  w = rec['w'], g = rec['g'], a = rec['a'], why = 'worker lost (heartbeat lapsed)'}))
-redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[2]) - 1)
-if attempts >= tonumber(ARGV[3]) or redis.call('HEXISTS', KEYS[4], id) == 1 then
+  w = rec['w'], g = rec['g'], a = rec['a'], why = 'worker lost (heartbeat lapsed)'},
+  ARGV[3], ARGV[4])
+if rec['a'] + 1 >= tonumber(ARGV[2]) or redis.call('HEXISTS', REQ, id) == 1 then
   return 2
 end
-for _, field in ipairs({'g', 'sc', 'i', 'w', 'sa'}) do rec[field] = nil end
-rec['s'], rec['a'], rec['t'] = 'pending', attempts, now  -- t: pending again since now
-redis.call('HSET', KEYS[4], id, cjson.encode(rec))
-redis.call('HINCRBY', KEYS[4], rec['k'] == 'refresh' and '#refresh' or '#processing', 1)
-redis.call('ZADD', KEYS[5], rec['e'], scope .. '\31' .. id)
-redis.call('HINCRBY', KEYS[7], rec['k'] .. ':' .. rec['r'], 1)
+fix_counters(DL, COUNTS, {rec['k'] .. ':' .. rec['r']}, nil)
+local pending = {k = rec['k'], s = 'pending', r = rec['r'], e = rec['e'], a = rec['a'] + 1,
+                 pl = rec['pl'], t = now, ti = rec['ti'], su = rec['su'], sg = rec['sg'],
+                 x = rec['x']}
+redis.call('HSET', REQ, id, cjson.encode(pending))
+schedule(DUE, SCHED, scope, id, rec['x'] and 0 or rec['e'])  -- x: launched by simulation
+count(COUNTS, pending, rec['r'], 1)
 return 1

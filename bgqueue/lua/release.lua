@@ -1,27 +1,34 @@
--- A worker hands a dispatched request back to pending because its requirements no
--- longer hold on this worker (its conditions changed after the dispatch).
+-- Hand a dispatched request back to pending, unharmed: the worker that got it can no
+-- longer satisfy its requirements, has no handler for it (an old build during a rolling
+-- deploy), or beat found its class gone. Its next claim routes it again (or parks it).
 --
 -- KEYS[1]  req:<scope>
 -- KEYS[2]  leases
--- KEYS[3]  due:<profile> of the request
--- KEYS[4]  counts: "<kind>:<profile>" pending, "<kind>:dispatched" (keys.py)
+-- KEYS[3]  sched:<profile>:<scope> of the request
+-- KEYS[4]  due:<profile> of the request
+-- KEYS[5]  counts
+-- KEYS[6]  deadletter
 -- ARGV[1]  scope
 -- ARGV[2]  identifier
 -- ARGV[3]  generation from the message
 -- Returns 1 if released, 0 if the message was stale.
 
-local id, gen = ARGV[2], ARGV[3]
-local raw = redis.call('HGET', KEYS[1], id)
-if not raw then return 0 end
-local rec = cjson.decode(raw)
-if rec['s'] ~= 'dispatched' or tostring(rec['g']) ~= gen then return 0 end
-local m = ARGV[1] .. '\31' .. id
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-rec['s'], rec['g'], rec['t'] = 'pending', nil, now  -- t: pending again since now
-redis.call('HSET', KEYS[1], id, cjson.encode(rec))
-redis.call('ZREM', KEYS[2], m)
-redis.call('ZADD', KEYS[3], rec['e'], m)
-redis.call('HINCRBY', KEYS[4], rec['k'] .. ':dispatched', -1)
-redis.call('HINCRBY', KEYS[4], rec['k'] .. ':' .. rec['r'], 1)
+-- include: deadletter
+-- include: requests
+
+local REQ, LEASES, SCHED, DUE, COUNTS, DL = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local scope, id, gen = ARGV[1], ARGV[2], ARGV[3]
+local wanted = {[REQ] = 'hash', [LEASES] = 'zset', [SCHED] = 'zset', [DUE] = 'zset',
+                [COUNTS] = 'hash'}
+for key, kind in pairs(wanted) do dead_letter_key(DL, key, kind, 'release met a key') end
+local raw = redis.call('HGET', REQ, id)
+local rec = raw and request_record(raw)
+if not rec or rec['s'] ~= 'dispatched' or tostring(rec['g']) ~= gen then return 0 end
+fix_counters(DL, COUNTS, {rec['k'] .. ':dispatched', rec['k'] .. ':' .. rec['r']}, nil)
+rec['s'], rec['g'], rec['q'], rec['t'] = 'pending', nil, nil, now  -- t: pending again since now
+redis.call('HSET', REQ, id, cjson.encode(rec))
+redis.call('ZREM', LEASES, scope .. '\31' .. id)
+schedule(DUE, SCHED, scope, id, rec['x'] and 0 or rec['e'])  -- x: launched by simulation
+count(COUNTS, rec, 'dispatched', -1)
+count(COUNTS, rec, rec['r'], 1)
 return 1

@@ -1,40 +1,37 @@
 -- Submit a batch of requests of one scope, replacing any not-yet-started request with the
--- same identifier. All or nothing: limits are checked for the whole batch before the
--- first write.
+-- same identifier. All or nothing: everything that can refuse the batch (the pending
+-- limits, a free slot for a continued-processing request that must start now, a key of
+-- the wrong type) is checked before the first write.
 --
--- KEYS[1..16]  due:<profile> sorted sets, profiles 0..15 in order
--- KEYS[17]     leases (a replaced dispatched request leaves it)
--- KEYS[18]     counts: "<kind>:<profile>" pending, "<kind>:dispatched" (keys.py)
--- KEYS[19]     req:<scope>, the scope's hash
--- KEYS[20]     deadletter (bgqueue/deadletter.py)
--- ARGV[1]      max pending refresh requests per scope
--- ARGV[2]      max pending processing requests per scope
--- ARGV[3]      member prefix "<scope>\31" (a request's member is prefix .. identifier)
--- ARGV[4], [5] beat's wake channel and the message to publish there once accepted
---              (from here, it costs the producer no second command)
--- ARGV[6..]    five values per request: identifier, record JSON (requests.py, ending
---              in '}'), profile, earliest-begin ms (the due score), kind
--- Returns {'ok', replaced}, {'limit', index (0-based), class}, or {'foreign', key, type}
--- when a key it would write holds another type (nothing is written then: a script that
--- fails half-way keeps its first writes). A stored record that is not a request's is
--- moved to the dead letter and replaced.
--- A record whose earliest-begin date has passed gains t, when it became pending (ms):
--- beat's dispatch lateness counts from max(e, t). The record is stored as given
--- otherwise (no decoding: a million may come in one batch).
--- A scope's counts are kept only while non-zero (an idle scope costs nothing).
+-- KEYS[1..16]   due:<profile>, profiles 0..15: the app's index of scopes by earliest date
+-- KEYS[17..32]  sched:<profile>:<scope>, profiles 0..15: the scope's pending requests
+-- KEYS[33]      req:<scope>: records by identifier, and the scope's limit counters
+-- KEYS[34]      leases (a replaced dispatched request leaves it)
+-- KEYS[35]      parked (a replaced parked request leaves it)
+-- KEYS[36]      counts
+-- KEYS[37]      deadletter
+-- KEYS[38..41]  workers, alive, running, classes: read only to find free slots (ARGV[6])
+-- ARGV[1], [2]  max pending refresh, processing requests per scope
+-- ARGV[3]       scope
+-- ARGV[4], [5]  beat's wake channel and the app id to publish there once accepted
+-- ARGV[6]       each continued-processing request that must start now (strategy FAIL) as
+--               'profile identifier', space-separated, or '': each needs a free slot
+-- ARGV[7..]     five values per request: identifier, record JSON (requests.py: ending in
+--               '}'), profile, earliest-begin ms (the score, as given), kind
+-- Returns {'ok', replaced}, {'limit', index (0-based, in the batch), class},
+-- {'busy', profile, free slots}, or {'foreign', key, type} when a key it would write holds
+-- another type. A stored record that is not a request's is dead-lettered and replaced.
+-- A request given twice in the batch is the later one. A record whose earliest-begin date
+-- has passed gains t, when it became pending (ms): beat's dispatch lateness counts from
+-- max(e, t).
 
 -- include: deadletter
+-- include: requests
+-- include: slots
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local key, prefix = KEYS[19], ARGV[3]
+local DUE, SCHED, REQ, LEASES, PARKED, COUNTS, DL = 0, 16, 33, 34, 35, 36, 37
+local scope = ARGV[3]
 local limit = {refresh = tonumber(ARGV[1]), processing = tonumber(ARGV[2])}
-local n = (#ARGV - 5) / 5
-
-local function class_of(kind)
-  if kind == 'refresh' then return 'refresh' end
-  return 'processing'
-end
 
 -- Calls with many arguments go in chunks: Lua's unpack has a stack limit.
 local CHUNK = 1000
@@ -50,106 +47,120 @@ local function in_chunks(command, target, args, width)
   return out
 end
 
--- Read the scope's counts and what is stored under each identifier (false: nothing), in
--- as few calls as the batch allows: each redis.call costs microseconds.
-local stored, ids = {}, {'#refresh', '#processing'}
-for i = 0, n - 1 do
-  local id = ARGV[6 + i * 5]
-  if stored[id] == nil then
-    stored[id] = true
-    ids[#ids + 1] = id
-  end
+-- 1. The batch: the last request given for each identifier, in batch order.
+local last, ids = {}, {}
+for a = 7, #ARGV, 5 do
+  local id = ARGV[a]
+  if not last[id] then ids[#ids + 1] = id end
+  last[id] = {index = (a - 7) / 5, id = id, record = ARGV[a + 1], r = tonumber(ARGV[a + 2]),
+              at = ARGV[a + 3], k = ARGV[a + 4]}
 end
-local found = in_chunks('HMGET', key, ids, 1)
-for i = 3, #ids do stored[ids[i]] = found[i] end
+local batch = {}
+for _, id in ipairs(ids) do batch[#batch + 1] = last[id] end
+table.sort(batch, function(x, y) return x.index < y.index end)
 
--- Pass 1: simulate the batch on the scope's counts only.
-local counts = {refresh = tonumber(found[1]) or 0, processing = tonumber(found[2]) or 0}
-local current, foreign = {}, {}
-for id, raw in pairs(stored) do
-  local rec, why = false, nil
-  if raw then rec, why = request_record(raw) end
-  if raw and not rec then foreign[#foreign + 1] = {id, why, raw} end
-  stored[id] = rec or false
-  current[id] = rec and class_of(rec['k'])
+-- 2. What is stored under those identifiers (one HMGET), and the scope's counters.
+local req_type = redis.call('TYPE', KEYS[REQ])['ok']
+if req_type ~= 'none' and req_type ~= 'hash' then return {'foreign', KEYS[REQ], req_type} end
+local found = in_chunks('HMGET', KEYS[REQ], ids, 1)
+local old, foreign = {}, {}
+for n, id in ipairs(ids) do
+  if found[n] then
+    local rec, why = request_record(found[n])
+    if rec then old[id] = rec else foreign[#foreign + 1] = {id, why, found[n]} end
+  end
 end
-for i = 0, n - 1 do
-  local a = 6 + i * 5
-  local id, class = ARGV[a], class_of(ARGV[a + 4])
-  local old = current[id]
-  if old then counts[old] = counts[old] - 1 end
-  counts[class] = counts[class] + 1
-  current[id] = class
-  if counts[class] > limit[class] and old ~= class then
-    return {'limit', i, class}
+local counters = redis.call('HMGET', KEYS[REQ], '#refresh', '#processing')
+
+-- 3. The pending limits, as the batch would leave them: a replacement frees its old slot,
+-- and only a class the batch makes fuller than it was can be refused.
+local held = {refresh = tonumber(counters[1]) or 0, processing = tonumber(counters[2]) or 0}
+local after = {refresh = held.refresh, processing = held.processing}
+for _, new in ipairs(batch) do
+  local o = old[new.id]
+  if o and limited(o) then after[class_of(o['k'])] = after[class_of(o['k'])] - 1 end
+end
+for _, new in ipairs(batch) do
+  local class = class_of(new.k)
+  after[class] = after[class] + 1
+  if after[class] > limit[class] and after[class] > held[class] then
+    return {'limit', new.index, class}
   end
 end
 
--- Every key pass 2 writes must be of its type (or absent).
-local wanted = {[KEYS[18]] = 'hash'}
-for i = 0, n - 1 do wanted[KEYS[tonumber(ARGV[6 + i * 5 + 2]) + 1]] = 'zset' end
-for _, old in pairs(stored) do
-  if old then
-    wanted[KEYS[old['r'] + 1]] = 'zset'
-    wanted[KEYS[17]] = 'zset'
-  end
+-- 4. Continued-processing requests that must start now need a free slot each.
+local needed, order = {}, {}
+for profile, id in string.gmatch(ARGV[6], '(%d+) (%S+)') do
+  local key = profile .. ' ' .. id
+  if not needed[key] then order[#order + 1] = {tonumber(profile), id, key} end
+  needed[key] = (needed[key] or 0) + 1
+end
+for _, want in ipairs(order) do
+  local free = free_slots(KEYS[38], KEYS[39], KEYS[40], KEYS[41], KEYS[LEASES], KEYS[COUNTS],
+    want[1], want[2])
+  if free < needed[want[3]] then return {'busy', want[1], free} end
+end
+
+-- 5. Every key written below must hold its type (or nothing).
+local wanted = {[KEYS[COUNTS]] = 'hash', [KEYS[LEASES]] = 'zset', [KEYS[PARKED]] = 'zset'}
+for _, new in ipairs(batch) do
+  wanted[KEYS[DUE + new.r + 1]], wanted[KEYS[SCHED + new.r + 1]] = 'zset', 'zset'
+end
+for _, o in pairs(old) do
+  wanted[KEYS[DUE + o['r'] + 1]], wanted[KEYS[SCHED + o['r'] + 1]] = 'zset', 'zset'
 end
 local wrong, found_type = wrong_type(wanted)
 if wrong then return {'foreign', wrong, found_type} end
+
+-- 6. Write. Counters first made sound; foreign records kept in the dead letter.
+local fields = {}
+for _, new in ipairs(batch) do fields[#fields + 1] = new.k .. ':' .. new.r end
+for _, o in pairs(old) do fields[#fields + 1] = o['k'] .. ':' .. place_of(o) end
+fix_counters(KEYS[DL], KEYS[COUNTS], fields, KEYS[REQ])
 for _, entry in ipairs(foreign) do
-  dead_letter(KEYS[20], key .. ' ' .. entry[1], entry[2] .. '; replaced by a submit', entry[3])
+  dead_letter(KEYS[DL], KEYS[REQ] .. ' ' .. entry[1], entry[2] .. '; replaced by a submit', entry[3])
 end
 
--- Pass 2: write. A record met in Redis is replaced (once: a later duplicate in the batch
--- replaces its own batch-mate, which this pass has just accounted for).
-local replaced, tally, records, due = 0, {}, {}, {}
-local function count(field, by) tally[field] = (tally[field] or 0) + by end
-for i = 0, n - 1 do
-  local a = 6 + i * 5
-  local id, m = ARGV[a], prefix .. ARGV[a]
-  local profile, begin, kind = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), ARGV[a + 4]
-  local old = stored[id]
-  if old and not old.at then  -- a record read from Redis
-    redis.call('ZREM', KEYS[old['r'] + 1], m)
-    redis.call('ZREM', KEYS[17], m)
-    count(old['k'] .. ':' .. (old['s'] == 'pending' and old['r'] or 'dispatched'), -1)
-    replaced = replaced + 1
-  elseif old then  -- a batch-mate: it was never written, only counted
-    due[old.r][old.at] = false
-    count(old.k .. ':' .. old.r, -1)
+local replaced = 0
+for id, o in pairs(old) do
+  if o['s'] == 'pending' then
+    unschedule(KEYS[DUE + o['r'] + 1], KEYS[SCHED + o['r'] + 1], scope, id)
+  elseif o['s'] == 'parked' then
+    redis.call('ZREM', KEYS[PARKED], o['r'] .. '\31' .. scope .. '\31' .. id)
+  else
+    redis.call('ZREM', KEYS[LEASES], scope .. '\31' .. id)
   end
-  local rec = ARGV[a + 1]
-  if begin < now then rec = string.sub(rec, 1, -2) .. ',"t":' .. now .. '}' end
-  records[#records + 1] = id
+  count(KEYS[COUNTS], o, place_of(o), -1)
+  hold(KEYS[REQ], o, -1)
+  replaced = replaced + 1
+end
+
+local records, by_profile, tally = {}, {}, {}
+for _, new in ipairs(batch) do
+  local rec = new.record
+  if tonumber(new.at) < now then rec = string.sub(rec, 1, -2) .. ',"t":' .. now .. '}' end
+  records[#records + 1] = new.id
   records[#records + 1] = rec
-  due[profile] = due[profile] or {}
-  local list = due[profile]
-  list[#list + 1] = {ARGV[a + 3], m}  -- the score as given: a Lua number prints as %.14g
-  stored[id] = {k = kind, r = profile, at = #list}
-  count(kind .. ':' .. profile, 1)
+  local list = by_profile[new.r] or {}
+  list[#list + 1] = new.at
+  list[#list + 1] = new.id
+  by_profile[new.r] = list
+  local field = new.k .. ':' .. new.r
+  tally[field] = (tally[field] or 0) + 1
+  local class = '#' .. class_of(new.k)
+  tally[class] = (tally[class] or 0) + 1
 end
-for class, c in pairs(counts) do
-  if c > 0 then
-    records[#records + 1] = '#' .. class
-    records[#records + 1] = c
-  elseif found[class == 'refresh' and 1 or 2] then
-    redis.call('HDEL', key, '#' .. class)
+in_chunks('HSET', KEYS[REQ], records, 2)
+for profile, list in pairs(by_profile) do
+  in_chunks('ZADD', KEYS[SCHED + profile + 1], list, 2)
+  reindex(KEYS[DUE + profile + 1], KEYS[SCHED + profile + 1], scope)
+end
+for field, n in pairs(tally) do
+  if string.sub(field, 1, 1) == '#' then
+    redis.call('HINCRBY', KEYS[REQ], field, n)
+  else
+    redis.call('HINCRBY', KEYS[COUNTS], field, n)
   end
-end
--- HSET keeps the last value of a field given twice: the batch's last word stands.
-in_chunks('HSET', key, records, 2)
-for profile, entries in pairs(due) do
-  local args = {}
-  for _, entry in ipairs(entries) do
-    if entry then
-      args[#args + 1] = entry[1]
-      args[#args + 1] = entry[2]
-    end
-  end
-  in_chunks('ZADD', KEYS[profile + 1], args, 2)
-end
-for field, by in pairs(tally) do
-  if by ~= 0 then redis.call('HINCRBY', KEYS[18], field, by) end
 end
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return {'ok', replaced}

@@ -83,5 +83,7 @@ def behave(task: bg.BGTask) -> None:
     record(task, "end")
 
 
+# TEST_OMIT (comma-separated identifiers) plays an older build that lacks those handlers.
 for _name in IDENTIFIERS:
-    app.register(f"com.bgqueue.test.{_name}")(behave)
+    if f"com.bgqueue.test.{_name}" not in os.environ.get("TEST_OMIT", "").split(","):
+        app.register(f"com.bgqueue.test.{_name}")(behave)

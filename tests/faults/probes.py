@@ -25,7 +25,7 @@ HANDLED = [PREFIX + n for n in ("a", "b", "c", "process", "refresh", "health", "
 HEARTBEAT_INTERVAL = float(FAST["BGQUEUE_HEARTBEAT_INTERVAL"])
 HEARTBEAT_TIMEOUT = float(FAST["BGQUEUE_HEARTBEAT_TIMEOUT"])
 BEAT_LEASE = float(FAST["BGQUEUE_BEAT_LEASE"])
-CLAIM_LEASE = float(FAST["BGQUEUE_CLAIM_LEASE"])
+DISPATCH_LEASE = float(FAST["BGQUEUE_DISPATCH_LEASE"])
 APP_KEYS = keys.AppKeys(APP_ID)
 
 Key = tuple[str, str]  # (scope, identifier): one accepted request
@@ -125,27 +125,29 @@ def server_ms(client: redis.Redis) -> float:
     return seconds * 1000 + micros / 1000
 
 
+def class_queue_lists(client: redis.Redis) -> list[str]:
+    """Every list of every worker-class queue of the app (kombu keeps one per priority
+    step). A SCAN: test code, not a hot path."""
+    pattern = APP_KEYS.class_queue("*")
+    return [name.decode() for name in client.scan_iter(match=pattern + "*", count=1000)]
+
+
 def queued(client: redis.Redis) -> int:
-    """Messages waiting on any profile's queue (kombu keeps a list per priority step)."""
-    return sum(client.llen(name) for p in range(16) for name in APP_KEYS.queue_lists(p))
+    """Messages waiting on any worker-class queue."""
+    return sum(client.llen(name) for name in class_queue_lists(client))
 
 
 def stuck(client: redis.Redis) -> str:
     """Why dispatched requests have not run: each one's state, how soon its dispatch lease
-    lapses, and whether its message is queued or held by a worker (kombu's unacked hash)."""
+    lapses, and whether its message is still queued."""
     now_ms = server_ms(client)
-    held = {
-        (kwargs["scope"], body["headers"]["task"])
-        for raw in client.hvals("unacked")
-        for body in [json.loads(raw)[0]]
-        for kwargs in [json.loads(base64.b64decode(body["body"]))[1]]
-    }
+    waiting = published(client)
     lines = []
     for raw_member, score in client.zrange(APP_KEYS.leases, 0, -1, withscores=True):
         scope, identifier = keys.split_member(raw_member.decode())
         raw = client.hget(APP_KEYS.requests(scope), identifier)
         state = json.loads(raw)["s"] if raw else "gone"
-        where = "held by a worker" if (scope, identifier) in held else "not held by any worker"
+        where = "queued" if (scope, identifier) in waiting else "not queued (held or lost)"
         lines.append(
             f"{scope}/{identifier} {state}, lease lapses in {(score - now_ms) / 1000:.1f}s, "
             f"message {where}"
@@ -163,11 +165,10 @@ def _message_key(message: dict[str, Any]) -> Key:
 
 
 def published(client: redis.Redis) -> set[Key]:
-    """Requests with a message on a queue or held (unacknowledged) by a worker."""
-    found = {_message_key(json.loads(raw)[0]) for raw in client.hvals("unacked")}
-    for profile in range(16):
-        for name in APP_KEYS.queue_lists(profile):
-            found |= {_message_key(json.loads(raw)) for raw in client.lrange(name, 0, -1)}
+    """Requests with a message waiting on a queue."""
+    found: set[Key] = set()
+    for name in class_queue_lists(client):
+        found |= {_message_key(json.loads(raw)) for raw in client.lrange(name, 0, -1)}
     return found
 
 

@@ -22,7 +22,7 @@ from bgqueue.settings import Settings
 from tests.faults.probes import (
     APP_KEYS,
     BEAT_LEASE,
-    CLAIM_LEASE,
+    DISPATCH_LEASE,
     HANDLED,
     SLOW,
     Key,
@@ -142,10 +142,10 @@ class DiesBeforePublishing(Beat):
     any beat, then sends nothing."""
 
     def __init__(self, broker_url: str) -> None:
-        super().__init__(broker_url, Settings(claim_lease=CLAIM_LEASE))  # as the test beats
+        super().__init__(broker_url, Settings(dispatch_lease=DISPATCH_LEASE))  # as test beats
         self.claimed: list[Claimed] = []
 
-    def publish(self, app: keys.AppKeys, claimed: list[Claimed]) -> None:
+    def publish(self, app: keys.AppKeys, claimed: list[Claimed], now: int) -> None:
         self.claimed += claimed
 
 
@@ -153,13 +153,13 @@ def test_claim_never_published_is_published_again_and_runs_once(
     cluster: Cluster, sample_app: bg.BackgroundApp, redis_client: redis.Redis, fault_row: Row
 ) -> None:
     """Requests claimed by a beat that died before publishing (claim.lua run, no message
-    sent) are published again by a new beat once the claim lease lapses, and run once each."""
+    sent) are published again by a new beat once the dispatch lease lapses, and run once each."""
     identifiers = HANDLED[:3]
     cluster.worker("w1", concurrency=2)
     sample_app.scheduler.submit_many(processing(i, {"complete": True}) for i in identifiers)
     claimer = DiesBeforePublishing(cluster.redis_url)
     claimer.dispatch()
-    claimed = {keys.split_member(c.member)[1]: c.gen for c in claimer.claimed}
+    claimed = {c.identifier: c.gen for c in claimer.claimed}
     claimer.client.close()
     assert set(claimed) == set(identifiers)
     assert redis_client.zcard(APP_KEYS.due(0)) == 0  # no longer pending: only the sweep can help

@@ -24,8 +24,10 @@ from tests.faults.probes import (
     SLOW,
     await_completion,
     completed_runs,
+    dispatched,
     nothing_in_flight,
     processing,
+    published,
     ran_twice,
     server_ms,
     started_counts,
@@ -168,8 +170,12 @@ def test_worker_killed_between_receive_and_start_loses_nothing(
     identifier = HANDLED[0]
     sample_app.scheduler.submit(processing(identifier, {"complete": True}))
 
-    # kombu keeps a message a worker has taken but not acknowledged in its `unacked` hash.
-    wait_for(lambda: redis_client.hlen("unacked") == 1, 10, "wA to receive the request")
+    # The message leaves the queue when wA's main process takes it.
+    wait_for(
+        lambda: published(redis_client) == set() and dispatched(redis_client),
+        10,
+        "wA to receive the request",
+    )
     assert events(redis_client, "start") == []  # received, never started
     record = json.loads(redis_client.hget(APP_KEYS.requests("default"), identifier))
     assert record["s"] == "dispatched"

@@ -49,18 +49,28 @@ end
 
 local REQUEST_KINDS = {
   refresh = true, processing = true, health_research = true, continued_processing = true}
+local REQUEST_STATES = {pending = true, parked = true, dispatched = true}
 
-local function request_record(raw)
+local function whole(value)
+  return type(value) == 'number' and value % 1 == 0 and value >= 0
+end
+
+-- `payload`: also check that the payload is JSON text (only where a run is about to get it:
+-- decoding every payload on every move would cost a 64 KB parse each).
+local function request_record(raw, payload)
   local ok, rec = pcall(cjson.decode, raw)
   if not ok then return nil, 'request record is not JSON' end
   if type(rec) ~= 'table' then return nil, 'request record is not a JSON object' end
   -- A pending record leaves out fields at their defaults (requests.py: BGTaskRequest.record).
   rec['a'], rec['pl'] = rec['a'] or 0, rec['pl'] or 'null'
-  local r, e = rec['r'], rec['e']
-  if not REQUEST_KINDS[rec['k']] or type(rec['s']) ~= 'string'
-      or type(r) ~= 'number' or r % 1 ~= 0 or r < 0 or r > 15
-      or type(e) ~= 'number' or type(rec['pl']) ~= 'string' or type(rec['a']) ~= 'number' then
-    return nil, 'request record has the wrong shape (k, s, r, e, pl, a)'
+  local r = rec['r']
+  if not REQUEST_KINDS[rec['k']] or not REQUEST_STATES[rec['s']]
+      or not whole(r) or r > 15 or not whole(rec['e']) or type(rec['pl']) ~= 'string'
+      or not whole(rec['a']) or (rec['s'] == 'dispatched' and not whole(rec['g'])) then
+    return nil, 'request record has the wrong shape (k, s, r, e, pl, a, g)'
+  end
+  if payload and not pcall(cjson.decode, rec['pl']) then
+    return nil, 'request payload (pl) is not JSON'
   end
   return rec
 end
