@@ -40,6 +40,7 @@ log = logging.getLogger("bgqueue.metrics")
 Live = dict[str, dict[str, Any]]  # a live worker's heartbeat by name, as beat reads them
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 REASONS = ("not_due", "no_capable_worker", "dispatched")
+OUTCOMES = ("success", "unsuccessful", "failed", "expired")
 # Records read per side of "now" to split a profile shared by several kinds, when the
 # counts kept in Redis cannot: beyond this the split is estimated from that sample.
 SAMPLE = 1000
@@ -75,6 +76,19 @@ def count_run(app_id: str, kind: Kind | str, state: State | str, success: bool) 
 def count_expiration(app_id: str, kind: Kind | str) -> None:
     """An expiration handler is about to be called."""
     EXPIRATIONS.labels(app_id, str(kind)).inc()
+
+
+def count_from_zero(app_id: str) -> None:
+    """Give the app's run and expiration counters a sample at zero before the first run.
+
+    rate() and increase() count only what grows between two samples: a series that first
+    appears at 1 hides its first run, so a dashboard would show no expired run until the
+    second. Call in the worker's main process after serve_worker, before the pool forks.
+    """
+    for kind in Kind:
+        EXPIRATIONS.labels(app_id, str(kind))
+        for name in OUTCOMES:
+            RUNS.labels(app_id, str(kind), name)
 
 
 # -- worker exporter ------------------------------------------------------------------
@@ -207,10 +221,20 @@ class BeatMetrics(Collector):
         and replace the snapshot. A few pipelined reads per app: no record is decoded
         unless a profile shared by several kinds has requests on both sides of now.
         A failure keeps the last snapshot: metrics never stop beat from dispatching."""
+        for app, _live in seen:
+            self._from_zero(app.app_id)
         try:
             self._snapshot = self._read(beat, seen)
         except Exception as exc:
             log.warning("metrics not refreshed: %s: %s", type(exc).__name__, exc)
+
+    def _from_zero(self, app_id: str) -> None:
+        """Serve the app's lateness and lost runs at zero before they first grow, as the
+        workers' counters are (count_from_zero). Claims made before the next scrape (a
+        new app's first, or a new leader's) still escape rate(): no zero was scraped."""
+        self.lateness.labels(app_id)
+        for kind in Kind:
+            self.lost.labels(app_id, str(kind), "failed")
 
     def _read(self, beat: Beat, seen: list[tuple[keys.AppKeys, Live]]) -> list[Metric]:
         pending = GaugeMetricFamily(
