@@ -126,6 +126,7 @@ def worker(
     logs.use_in_celery(log_format, loglevel)
     if metrics_port is not None:  # before the pool forks: pool processes count into it
         metrics.serve_worker(metrics_port, metrics_address)
+        metrics.count_from_zero(app.app_id)
     argv = ["worker", f"--hostname={name}@%h", f"--loglevel={loglevel}", "--pool=prefork"]
     # Mingle and gossip sync Celery-level state bgqueue keeps in Redis; they only slow start-up.
     argv += ["--without-mingle", "--without-gossip"]

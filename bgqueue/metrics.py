@@ -43,6 +43,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # (in a profile some live worker serves, a pending request is claimed as it comes due);
 # it is dispatched and not started.
 REASONS = ("no_handler", "no_capable_worker", "not_due", "dispatched")
+OUTCOMES = ("success", "unsuccessful", "failed", "expired")
 LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 # Worker counters, unregistered: a worker serves them from the multiprocess files.
@@ -75,6 +76,19 @@ def count_run(app_id: str, kind: Kind | str, state: State | str, success: bool) 
 def count_expiration(app_id: str, kind: Kind | str) -> None:
     """An expiration handler is about to be called."""
     EXPIRATIONS.labels(app_id, str(kind)).inc()
+
+
+def count_from_zero(app_id: str) -> None:
+    """Give the app's run and expiration counters a sample at zero before the first run.
+
+    rate() and increase() count only what grows between two samples: a series that first
+    appears at 1 hides its first run, so a dashboard would show no expired run until the
+    second. Call in the worker's main process after serve_worker, before the pool forks.
+    """
+    for kind in Kind:
+        EXPIRATIONS.labels(app_id, str(kind))
+        for name in OUTCOMES:
+            RUNS.labels(app_id, str(kind), name)
 
 
 # -- worker exporter ------------------------------------------------------------------
@@ -207,10 +221,20 @@ class BeatMetrics(Collector):
         and replace the snapshot. A few pipelined reads per app: no record is decoded
         unless a profile shared by several kinds has requests on both sides of now.
         A failure keeps the last snapshot: metrics never stop beat from dispatching."""
+        for app, _live in seen:
+            self._from_zero(app.app_id)
         try:
             self._snapshot = self._read(beat, seen)
         except Exception as exc:
             log.warning("metrics not refreshed: %s: %s", type(exc).__name__, exc)
+
+    def _from_zero(self, app_id: str) -> None:
+        """Serve the app's lateness and lost runs at zero before they first grow, as the
+        workers' counters are (count_from_zero). Claims made before the next scrape (a
+        new app's first, or a new leader's) still escape rate(): no zero was scraped."""
+        self.lateness.labels(app_id)
+        for kind in Kind:
+            self.lost.labels(app_id, str(kind), "failed")
 
     def _read(self, beat: Beat, seen: list[tuple[keys.AppKeys, Live]]) -> list[Metric]:
         pending = GaugeMetricFamily(
