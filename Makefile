@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench bench-quick chaos lint typecheck clean
+.PHONY: demo test test-tools packaging bench bench-quick chaos lint typecheck clean
 
 $(BIN)/bgqueue: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +14,25 @@ $(BIN)/bgqueue: pyproject.toml
 demo: $(BIN)/bgqueue
 	$(BIN)/bgqueue demo
 
-test: $(BIN)/bgqueue
+test: test-tools packaging $(BIN)/bgqueue
 	$(BIN)/ruff check bgqueue tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+# The programs some tests drive, from Debian's packages: chromium (tests/test_flower.py) and
+# prometheus (tests/test_prometheus.py). Only those whose command is missing are installed,
+# with sudo unless root, and the script says which; a machine that has them pays nothing.
+test-tools:
+	bash .ci/install-test-tools
+
+# The sdist and the wheel built as pip builds them (a fresh directory with only
+# build-system.requires, newest versions), failing on any deprecation warning from the build
+# backend, so a deprecation fails today rather than the build on the day it becomes an error.
+# Warnings are told apart by their class (setuptools' SetuptoolsDeprecationWarning, a
+# FutureWarning), recorded in the backend's own process, not by grepping pip's output,
+# whose wording and routing of backend warnings change between pip versions.
+packaging: $(BIN)/bgqueue
+	$(BIN)/python .ci/check_packaging.py
 
 # Figures against Celery, Dramatiq and RQ on one Redis started for the run (docs/performance.md).
 $(BIN)/dramatiq: pyproject.toml $(BIN)/bgqueue

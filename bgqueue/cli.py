@@ -308,12 +308,33 @@ def simulate(app_spec: str, broker: str | None, scope: str, action: str, identif
 
 @main.command()
 @broker_option
-def status(broker: str | None) -> None:
+@click.option(
+    "--check-worker",
+    "check_worker",
+    default=None,
+    metavar="NAME",
+    help="Only say whether worker NAME's heartbeat is live (any app); exit 1 if it is not.",
+)
+def status(broker: str | None, check_worker: str | None) -> None:
     """Beat leader; per app: workers, requests, continuous tasks, transient delays and
     quota per scope, efficiency grants and works."""
     from bgqueue.status import report
 
+    if check_worker is not None:
+        _check_worker(connect(resolve_broker_url(broker)), check_worker)
+        return
     click.echo(report(connect(resolve_broker_url(broker))))
+
+
+def _check_worker(client: Any, name: str) -> None:
+    """A health check's answer: one line, exit 0 when live, 1 when not (2, as for every
+    error, when the broker cannot be read), so a probe can tell a dead worker apart."""
+    from bgqueue.status import worker_liveness
+
+    live, line = worker_liveness(client, name)
+    click.echo(line)
+    if not live:
+        sys.exit(1)
 
 
 @main.command()

@@ -5,8 +5,10 @@ Flower behind a generated login, and an example app that keeps submitting a mix 
 requests and uses the four parts of HarmonyOS's Background Tasks Kit: a transient suspend
 delay, a continuous task, an efficiency resource and a repeating work. Prints a line per
 event (deferred, routed, run, expired, completed; delays granted and the quota left;
-the continuous task's states; grants and their expiry; work runs) until Ctrl-C or SIGTERM,
-then stops what it started.
+the continuous task's states; grants and their expiry; work runs) until Ctrl-C, SIGTERM,
+SIGHUP, an error, or the reader of its output going away (`bgqueue demo | head`, or a
+`| tee` killed by the same Ctrl-C), and then, in every one of those cases, stops what it
+started.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -67,9 +70,35 @@ def example_path() -> Path:
     return beside if beside.exists() else Path.cwd() / EXAMPLE
 
 
+# Set once the demo's output has nowhere to go: the demo then winds down as if stopped.
+OUTPUT_GONE = threading.Event()
+
+
 def say(text: str) -> None:
-    """One narrated line with a wall-clock stamp."""
-    print(f"[{datetime.now().strftime('%H:%M:%S')}] {text}", flush=True)
+    """One narrated line with a wall-clock stamp. Never raises: when the reader of the output
+    has gone (a closed pipe), the output is dropped from then on and OUTPUT_GONE is set, so
+    that the clean-up, which narrates too, still runs to its end."""
+    try:
+        print(f"[{datetime.now().strftime('%H:%M:%S')}] {text}", flush=True)
+    except (BrokenPipeError, ValueError):  # ValueError: stdout was closed
+        drop_output()
+
+
+def drop_output() -> None:
+    """Point stdout, and stderr if it went to the same place, at /dev/null: the line still
+    buffered, and any later one, is then written nowhere instead of raising again, up to
+    the interpreter's last flush at exit."""
+    OUTPUT_GONE.set()
+    with contextlib.suppress(OSError, ValueError):
+        gone = os.fstat(sys.stdout.fileno())
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    if stream is sys.stdout or os.path.samestat(os.fstat(stream.fileno()), gone):
+                        os.dup2(null, stream.fileno())
+        finally:
+            os.close(null)
 
 
 def secs(ms: float) -> str:
@@ -137,11 +166,19 @@ class Demo:
 
     def stop(self) -> None:
         say("stopping")
-        with contextlib.suppress(Exception):  # the broker may be what failed
-            self.wind_down()
+        try:
+            with contextlib.suppress(Exception):  # the broker may be what failed
+                self.wind_down()
+        finally:
+            self.stop_children()
+        say("stopped beat, workers and Flower")
+
+    def stop_children(self) -> None:
+        """SIGTERM each child's process group, then SIGKILL what is left after 10 s."""
         for child in self.children:
             if child.poll() is None:
-                os.killpg(child.pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):  # it ended since the poll
+                    os.killpg(child.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for child in self.children:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -150,7 +187,6 @@ class Demo:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGKILL)
             child.wait()
-        say("stopped beat, workers and Flower")
 
     # -- the HarmonyOS parts ------------------------------------------------------------
 
@@ -448,16 +484,25 @@ def _interrupt(signum: int, frame: FrameType | None) -> Any:
     raise KeyboardInterrupt
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def run_demo(broker_url: str, flower_port: int) -> None:
-    """Run the demo until Ctrl-C or SIGTERM; both stop the processes it started."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    """Run the demo until Ctrl-C, SIGTERM, SIGHUP (its terminal closed), an error, or its
+    output's reader going away; each of them stops the processes it started."""
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, _interrupt)
+    # A closed pipe is then a BrokenPipeError that say() handles, not a death by SIGPIPE
+    # that would leave the children running (Python ignores SIGPIPE, unless its caller
+    # restored the default).
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     demo = Demo(broker_url, flower_port)
     try:
         demo.start()
         demo.start_harmony()
         round_no = 0
         next_round = time.monotonic()
-        while True:
+        while not OUTPUT_GONE.is_set():
             if time.monotonic() >= next_round:
                 demo.submit_round(round_no)
                 round_no += 1
@@ -467,7 +512,7 @@ def run_demo(broker_url: str, flower_port: int) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        # A second Ctrl-C or SIGTERM must not cut the clean-up short and leave workers behind.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # A second Ctrl-C or signal must not cut the clean-up short and leave workers behind.
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_IGN)
         demo.stop()

@@ -17,6 +17,7 @@ from bgqueue import WorkInfo, deadletter, keys, transient
 from bgqueue.conditions import profiles
 from bgqueue.continuous import ContinuousTaskInfo
 from bgqueue.efficiency import read_grants
+from bgqueue.errors import ParameterError
 from bgqueue.limits import Limits
 from bgqueue.metrics import REASONS, pending_requests
 from bgqueue.scripts import Scripts
@@ -312,3 +313,46 @@ def work_lines(client: Any, scripts: Scripts, app: keys.AppKeys, now: int) -> li
             f"{work_state(work, now)}  {last}"
         )
     return lines
+
+
+# -- probes --------------------------------------------------------------------------------
+
+
+def worker_liveness(client: Any, name: str) -> tuple[bool, str]:
+    """Whether a worker called `name` has a live heartbeat in any app, and one line saying
+    so (`bgqueue status --check-worker NAME`, the workers' health checks and probes).
+
+    Live means its score in an app's `alive` set (when its heartbeat lapses) is later than
+    Redis's clock, the clock every heartbeat is stamped with, so the probe's own clock does
+    not matter. One ZSCORE per app, pipelined with TIME: no script spans two apps' hash slots.
+    """
+    if not name.strip():
+        raise ParameterError("--check-worker needs a worker name (its `bgqueue worker --name`)")
+    app_ids = sorted(a.decode() for a in client.smembers(keys.APPS))
+    with client.pipeline(transaction=False) as pipe:
+        pipe.time()
+        for app_id in app_ids:
+            pipe.zscore(keys.AppKeys(app_id).alive, name)
+        (secs, micros), *scores = pipe.execute()
+    now = secs * 1000 + micros / 1000
+    # The app whose heartbeat from it lapses last: live if that one is.
+    known = [
+        (float(score), app_id)
+        for app_id, score in zip(app_ids, scores, strict=True)
+        if score is not None
+    ]
+    if not known:
+        return False, (
+            f"worker {name}: not live: unknown (no heartbeat under that name in "
+            f"{len(app_ids)} app(s): not started yet, or stopped and left)"
+        )
+    lapses, app_id = max(known)
+    if lapses > now:
+        return (
+            True,
+            f"worker {name}: live (app {app_id}, heartbeat good for {seconds(lapses - now)})",
+        )
+    return (
+        False,
+        f"worker {name}: not live: heartbeat lapsed {seconds(now - lapses)} ago (app {app_id})",
+    )

@@ -468,6 +468,37 @@ def probes(container: Doc) -> dict[str, Doc]:
     return {kind: container[kind] for kind in kinds if kind in container}
 
 
+def probe_argv(probe: Doc, container: Doc) -> list[str]:
+    """An exec probe's command as the kubelet runs it. The kubelet expands only variables
+    that have a literal `value` (ExpandContainerCommandOnlyStatic in its prober), so a
+    $(VAR) from a fieldRef or a Secret would reach the program unexpanded: refused here."""
+    static = {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
+    argv = probe["exec"]["command"]
+    for word in argv:
+        for name in K8S_VAR.findall(word):
+            assert name in static, f"$({name}) in a probe of {container['name']}: not expanded"
+    return [expand(word, static) for word in argv]
+
+
+SHELL_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+
+
+def probe_bgqueue_args(probe: Doc, container: Doc) -> list[str]:
+    """The arguments after `bgqueue` of an exec probe that runs `bgqueue ARGS`, or
+    `sh -c 'exec bgqueue ARGS'` whose $VARs name the container's env (as sample values,
+    the same bgqueue_args gives the container's $(VAR)s)."""
+    argv = probe_argv(probe, container)
+    if argv[:2] == ["sh", "-c"] and len(argv) == 3:
+        for name in SHELL_VAR.findall(argv[2]):
+            assert name in env_names(container), f"${name} is not in {container['name']}'s env"
+        script = SHELL_VAR.sub(lambda m: f"sample-{m.group(1).lower()}", argv[2])
+        argv = shlex.split(script)
+        assert argv[0] == "exec", f"{script}: exec, so that the probe's status is bgqueue's"
+        argv = argv[1:]
+    assert argv[0] == "bgqueue", argv
+    return argv[1:]
+
+
 def container_port(container: Doc, port: int | str) -> int:
     """The number of a container port given by name or number (it must be declared)."""
     for declared in container.get("ports", []):
@@ -810,6 +841,24 @@ def test_compose_commands_and_health_checks_are_real_bgqueue_commands() -> None:
     }
 
 
+def test_compose_worker_health_checks_check_their_own_worker() -> None:
+    """A worker service is healthy while its own worker beats: `bgqueue status
+    --check-worker` with the name the service's worker runs under."""
+    checked = set()
+    for name, service in bgqueue_services().items():
+        argv = service_argv(service)
+        if argv[1] != "worker":
+            continue
+        options = parse_cli(argv[1:])[1]
+        check = service["healthcheck"]["test"]
+        assert check[:2] == ["CMD", "bgqueue"], f"{name}: {check}"
+        command, check_options = parse_cli(check[2:])
+        assert command == "status", f"{name}: {check}"
+        assert check_options["--check-worker"] == options["--name"], f"{name}: {check}"
+        checked.add(name)
+    assert checked == {"worker-mains", "worker-battery"}
+
+
 def test_compose_workers_cover_different_condition_profiles() -> None:
     profiles = {}
     for name, service in bgqueue_services().items():
@@ -1026,9 +1075,7 @@ def test_every_bgqueue_container_runs_a_real_command_with_real_probes() -> None:
             assert {"livenessProbe", "readinessProbe"} <= set(found), f"{ident(doc)}: probes"
             for probe in found.values():
                 if "exec" in probe:
-                    argv = probe["exec"]["command"]
-                    assert argv[0] == "bgqueue", argv
-                    parse_cli(argv[1:])
+                    parse_cli(probe_bgqueue_args(probe, container))
                 else:
                     container_port(container, probe["httpGet"]["port"])
             # A port served to the kubelet and Prometheus is bound to every interface.
@@ -1126,6 +1173,19 @@ def test_worker_deployments_exist_per_condition_profile() -> None:
         assert "replicas" not in doc["spec"], f"{name}: KEDA sets the replicas"
         assert doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 600 + 10
     assert len(seen_profiles) == len(workers), "each Deployment is a different profile"
+
+
+def test_worker_readiness_probes_check_their_own_pods_worker() -> None:
+    """A worker pod is ready while its own worker beats: its readiness probe is `bgqueue
+    status --check-worker` with the name the pod's worker runs under (the pod's name)."""
+    workers = worker_deployments(rendered("overlays/dev"))
+    assert workers
+    for name, doc in workers.items():
+        (container,) = doc["spec"]["template"]["spec"]["containers"]
+        options = parse_cli(bgqueue_args(container))[1]
+        command, check = parse_cli(probe_bgqueue_args(container["readinessProbe"], container))
+        assert command == "status", name
+        assert check["--check-worker"] == options["--name"] == ["sample-pod_name"], name
 
 
 def test_beat_runs_two_replicas_kept_by_a_disruption_budget() -> None:
@@ -1347,10 +1407,10 @@ class Pod:
                 argv[i + 1] = str(self.ports[int(argv[i + 1])])
         return argv
 
-    def check(self, probe: Doc) -> bool:
+    def check(self, probe: Doc, env: dict[str, str] | None = None) -> bool:
         if "exec" in probe:
-            argv = [self.stack.local(w, self.ports) for w in probe["exec"]["command"]]
-            return run_check(argv, self.env).returncode == 0
+            argv = [self.stack.local(w, self.ports) for w in probe_argv(probe, self.container)]
+            return run_check(argv, {**self.env, **(env or {})}).returncode == 0
         port = self.ports[container_port(self.container, probe["httpGet"]["port"])]
         return 200 <= http_get(port, probe["httpGet"]["path"]) < 400
 
@@ -1392,6 +1452,20 @@ class TestKubernetesPodsRunning:
         for pod in [redis_pod, *pods]:
             for kind, probe in probes(pod.container).items():
                 wait_for(functools.partial(pod.check, probe), 60, f"{pod.name} {kind}")
+
+    def test_kubernetes_worker_readiness_is_about_the_pods_own_worker(
+        self,
+        kube_pods: tuple[LocalStack, list[Pod]],
+    ) -> None:
+        """The probe passes for a worker pod whose worker beats, and fails, run the same way,
+        for a pod name no worker runs under."""
+        _, pods = kube_pods
+        workers = [p for p in pods if p.name.startswith("bgqueue-worker-")]
+        assert workers
+        for pod in workers:
+            probe = pod.container["readinessProbe"]
+            wait_for(functools.partial(pod.check, probe), 60, f"{pod.name} ready")
+            assert not pod.check(probe, {"POD_NAME": f"{pod.name}-gone"}), pod.name
 
     def test_kubernetes_workers_join_under_their_pod_names(
         self,

@@ -130,7 +130,7 @@ def all_ended(port: int, count: int) -> list[dict[str, Any]] | None:
 def chromium(tmp_path: Path, url: str, *args: str) -> str:
     """Run Debian's headless chromium on `url` with `args`; returns its standard output."""
     exe = shutil.which("chromium")
-    assert exe, "needs Debian's chromium on PATH (apt-get install chromium; .ci/run does)"
+    assert exe, "needs Debian's chromium on PATH (`make test` installs it)"
     profile = tmp_path / f"chromium-{uuid.uuid4().hex[:8]}"
     command = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url]
     with subprocess.Popen(
