@@ -12,11 +12,18 @@ spell of the machine does not land on one system only.
 (b) bgqueue `submit_many`: batches of distinct identifiers in one scope (one Lua call per
 batch, atomic), the batch's request objects built before the clock starts, as for (a).
 
+Async: bgqueue `asubmit` from 100 submitters (tasks) on one event loop, as an asyncio web
+service's handlers would call it, each awaiting its submits one after the other until a fixed
+number are in; one scope per request as in (a), objects built before the clock, the loop's
+connection pool warmed by one round of concurrent submits. Reported with its ratio to (a)'s
+single `submit` of the same run.
+
 Every bgqueue request is due now, so it stays pending: no beat runs to release it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from collections.abc import Callable
@@ -125,11 +132,48 @@ def submit_many_rate(url: str, total: int, batch: int) -> float:
     return rate(len(batches) * batch, time.perf_counter() - began)
 
 
+ASYNC_SUBMITTERS = 100
+
+
+def async_submit_rates(url: str, n: int, rounds: int) -> list[float]:
+    """`asubmit`s per second, round by round: n requests per round from ASYNC_SUBMITTERS
+    tasks on one event loop, which lives as long as all the rounds (a long-lived service)."""
+    app = bgqueue_app(url)
+    counter = iter(range(1_000_000_000))
+
+    async def one_round(count: int) -> float:
+        start = next(counter) * count
+        queue = iter(
+            [
+                (app.scheduler_for(f"a{start + i}"), bg.ProcessingTaskRequest(IDENTIFIER))
+                for i in range(count)
+            ]
+        )
+
+        async def submitter() -> None:
+            for scheduler, request in queue:  # one iterator shared: each request taken once
+                await scheduler.asubmit(request)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(submitter() for _ in range(ASYNC_SUBMITTERS)))
+        return time.perf_counter() - began
+
+    async def all_rounds() -> list[float]:
+        try:
+            await one_round(ASYNC_SUBMITTERS)  # opens the pool's connections
+            return [rate(n, await one_round(n)) for _ in range(rounds)]
+        finally:
+            await app.aclose()
+
+    return asyncio.run(all_rounds())
+
+
 def run(url: str, quick: bool) -> dict[str, float]:
     """Measure (a) and (b) on the Redis at `url`; print a table; return the figures."""
     # Short rounds, many of them: a burst of load from elsewhere hits every system alike.
     n, rounds = (500, 4) if quick else (1000, 12)
     many, batch = (50_000, 5000) if quick else (200_000, 5000)
+    async_n, async_rounds = (2000, 3) if quick else (5000, 8)
     makers = {
         "bgqueue": bgqueue_sender,
         "celery": celery_sender,
@@ -155,4 +199,16 @@ def run(url: str, quick: bool) -> dict[str, float]:
     print(f"(b) submit_many: {many:,} requests in batches of {batch:,}")
     figures["submit_many_per_s"] = submit_many_rate(url, many, batch)
     print(f"  bgqueue       {figures['submit_many_per_s']:9,.0f}/s")
+    tasks = f"{ASYNC_SUBMITTERS} tasks on one loop"
+    print(f"async: {async_rounds} round(s) of {async_n:,} asubmits from {tasks}, median round")
+    async_rates = async_submit_rates(url, async_n, async_rounds)
+    figures["async_submit_per_s"] = statistics.median(async_rates)
+    figures["async_submit_ratio_vs_submit"] = (
+        figures["async_submit_per_s"] / figures["submit_per_s"]
+    )
+    rounds_text = ", ".join(f"{r:,.0f}" for r in async_rates)
+    print(
+        f"  bgqueue       {figures['async_submit_per_s']:9,.0f}/s  "
+        f"x{figures['async_submit_ratio_vs_submit']:5.2f} submit  ({rounds_text})"
+    )
     return figures

@@ -6,7 +6,8 @@
 Sections, in order (each a module of bench/ with `run(url, quick) -> dict[str, float]`):
 
     producer   (a) single submit vs Celery apply_async, Dramatiq send, RQ enqueue;
-               (b) submit_many throughput                              bench/producer.py
+               (b) submit_many throughput; asubmit from 100 tasks on one loop
+                                                                       bench/producer.py
     drain      (c) no-op drain vs bare Celery and Dramatiq, same concurrency;
                idle submit-to-start latency vs Celery, Dramatiq, raw BLPOP   bench/drain.py
     lateness   (d) start lateness at 100 and 500 due/s vs celery beat, RQ    bench/lateness.py

@@ -6,9 +6,11 @@ use, so importing a module that defines an app is always safe.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
@@ -17,13 +19,13 @@ import redis
 
 from bgqueue import continuous as continuous_tasks
 from bgqueue import efficiency, keys, transient, works
-from bgqueue.broker import connect, resolve_broker_url, service_errors
+from bgqueue.broker import connect, connect_async, resolve_broker_url, service_errors
 from bgqueue.errors import NotPermitted, NotSystemApp, ParameterError
 from bgqueue.limits import Limits
 from bgqueue.modes import BackgroundMode
 from bgqueue.requests import check_name
 from bgqueue.scheduler import Scheduler
-from bgqueue.scripts import Scripts
+from bgqueue.scripts import Scripts, sha, source
 from bgqueue.settings import Settings
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -103,6 +105,9 @@ class BackgroundApp:
         self._client: redis.Redis | None = None
         self._client_pid = 0
         self._scripts: Scripts | None = None
+        # The asyncio clients, one per event loop: (pid, client) by loop (see `aclient`).
+        self._aclients: dict[asyncio.AbstractEventLoop, tuple[int, Any]] = {}
+        self._aclients_lock = threading.Lock()  # loops in other threads may make theirs
         self._celery: Any = None
         self._announced = False
         self.scheduler = Scheduler(self, "default")
@@ -115,7 +120,7 @@ class BackgroundApp:
 
     def use_broker(self, url: str) -> None:
         """Point the app at another broker before it connects (the CLI's --broker)."""
-        if self._client is not None:
+        if self._client is not None or self._aclients:
             raise ParameterError("use_broker must be called before the app connects")
         self._broker_url = url
 
@@ -193,6 +198,76 @@ class BackgroundApp:
             with service_errors(self.broker_url):
                 self.client.sadd(keys.APPS, self.app_id)
             self._announced = True
+
+    # -- the asyncio client: one per event loop ------------------------------------------
+
+    async def aclient(self) -> Any:
+        """The running event loop's redis.asyncio client, made on first use.
+
+        A client's connections belong to the loop that opened them, so each loop gets its
+        own and no client serves another loop, a closed one, or a forked child. Call
+        `aclose()` before the loop ends; the client of a loop closed without it is dropped
+        unclosed. Typed Any for the reason given at `client`.
+        """
+        loop = asyncio.get_running_loop()
+        held = self._aclients.get(loop)
+        if held is not None and held[0] == os.getpid():
+            return held[1]
+        if self._broker_url is None:  # the embedded Redis may have to start: off the loop
+            await asyncio.to_thread(lambda: self.broker_url)
+        with self._aclients_lock:
+            held = self._aclients.get(loop)  # another task may have made it while we waited
+            if held is None or held[0] != os.getpid():
+                for ended in [other for other in self._aclients if other.is_closed()]:
+                    del self._aclients[ended]
+                held = self._aclients[loop] = (os.getpid(), connect_async(self.broker_url))
+        return held[1]
+
+    async def aclose(self) -> None:
+        """Close the running loop's asyncio client (in a FastAPI lifespan's shutdown, at the
+        end of `asyncio.run`'s main); a later async call makes a new one."""
+        with self._aclients_lock:
+            held = self._aclients.pop(asyncio.get_running_loop(), None)
+        if held is not None and held[0] == os.getpid():  # a parent's sockets are not ours
+            await held[1].aclose()
+
+    async def acall(
+        self,
+        script: str,
+        script_keys: Sequence[str],
+        args: Sequence[Any],
+        wake: bool = False,
+        announce: bool = False,
+    ) -> Any:
+        """`call` from an event loop: EVALSHA on the loop's client, the same extras in the
+        same round trip, the same errors."""
+        client = await self.aclient()
+        digest = sha(script)
+        with service_errors(self.broker_url):
+            try:
+                return await self._aevalsha_and(client, digest, script_keys, args, wake, announce)
+            except redis.exceptions.NoScriptError:  # Redis restarted: its script cache is empty
+                await client.script_load(source(script))
+                return await self._aevalsha_and(client, digest, script_keys, args, wake, announce)
+
+    async def _aevalsha_and(
+        self,
+        client: Any,
+        digest: str,
+        script_keys: Sequence[str],
+        args: Sequence[Any],
+        wake: bool,
+        announce: bool,
+    ) -> Any:
+        if not (wake or announce):
+            return await client.evalsha(digest, len(script_keys), *script_keys, *args)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.evalsha(digest, len(script_keys), *script_keys, *args)
+            if wake:
+                pipe.publish(keys.BEAT_WAKE, self.app_id)
+            if announce:
+                pipe.sadd(keys.APPS, self.app_id)
+            return (await pipe.execute())[0]
 
     # -- scopes and identifiers ---------------------------------------------
 

@@ -27,6 +27,7 @@ from bgqueue.requests import (
     from_record,
     requirement_names,
 )
+from bgqueue.scripts import ScriptCall
 
 if TYPE_CHECKING:
     from bgqueue.app import BackgroundApp
@@ -39,13 +40,36 @@ class Scheduler:
         self.app = app
         self.scope = check_name(scope, "scope")
 
+    # Each producer call has a sync and an asyncio twin (Django's `a` prefix). Both build
+    # their script call with one `_<name>_call` and read its reply with one
+    # `_<name>_result`, so the checks, the script's KEYS/ARGV and the errors stay one copy.
+
     def submit(self, request: BGTaskRequest) -> None:
         """Schedule a request, replacing the not-yet-started one with the same identifier."""
         self.submit_many([request])
 
+    async def asubmit(self, request: BGTaskRequest) -> None:
+        """`submit` from an event loop, without blocking it."""
+        await self.asubmit_many([request])
+
     def submit_many(self, requests: Iterable[BGTaskRequest]) -> None:
         """Schedule a batch atomically: every request is accepted, or none is."""
         batch = list(requests)
+        call = self._submit_call(batch)
+        if call is not None:
+            self._submit_result(batch, self.app.call(*call))
+
+    async def asubmit_many(self, requests: Iterable[BGTaskRequest]) -> None:
+        """`submit_many` from an event loop, without blocking it."""
+        batch = list(requests)
+        call = self._submit_call(batch)
+        if call is not None:
+            self._submit_result(batch, await self.app.acall(*call))
+
+    def _submit_call(self, batch: list[BGTaskRequest]) -> ScriptCall | None:
+        """Check every request of the batch and build its submit.lua call (None for an
+        empty batch). The script wakes beat itself; the call also names the app to beat
+        (`announce`), so that submitting alone makes an app known."""
         app_keys = self.app.keys
         limits = self.app.limits
         requests_args: list[Any] = []
@@ -53,7 +77,7 @@ class Scheduler:
             record, profile, begin = self._check(request)
             requests_args += [request.identifier, record, profile, begin, request.kind]
         if not batch:
-            return
+            return None
         args: list[Any] = [
             limits.max_pending_refresh,
             limits.max_pending_processing,
@@ -67,8 +91,10 @@ class Scheduler:
         script_keys += [app_keys.requests(self.scope), app_keys.leases, app_keys.parked]
         script_keys += [app_keys.counts, app_keys.deadletter]
         script_keys += [app_keys.workers, app_keys.alive, app_keys.running, app_keys.classes]
-        # The script wakes beat itself; the app is named to beat with every submit.
-        result = self.app.call("submit", script_keys, args, announce=True)
+        return ScriptCall("submit", script_keys, args, announce=True)
+
+    def _submit_result(self, batch: list[BGTaskRequest], result: list[Any]) -> None:
+        """Return if submit.lua accepted the batch, else raise why it did not."""
         if result[0] == b"ok":
             return
         if result[0] == b"foreign":
@@ -103,46 +129,63 @@ class Scheduler:
 
     def cancel(self, identifier: str) -> bool:
         """Cancel the not-yet-started request with this identifier; True if there was one."""
-        return self._cancel([check_name(identifier, "identifier")]) > 0
+        return self._cancel_result(self.app.call(*self._cancel_call([identifier]))) > 0
+
+    async def acancel(self, identifier: str) -> bool:
+        """`cancel` from an event loop, without blocking it."""
+        return self._cancel_result(await self.app.acall(*self._cancel_call([identifier]))) > 0
 
     def cancel_all(self) -> int:
         """Cancel every not-yet-started request of this scope; returns how many."""
-        return self._cancel([])
+        return self._cancel_result(self.app.call(*self._cancel_call([])))
 
-    def _cancel(self, identifiers: Sequence[str]) -> int:
+    async def acancel_all(self) -> int:
+        """`cancel_all` from an event loop, without blocking it."""
+        return self._cancel_result(await self.app.acall(*self._cancel_call([])))
+
+    def _cancel_call(self, identifiers: Sequence[str]) -> ScriptCall:
+        """Check the identifiers and build the cancel.lua call (no identifier: all)."""
+        checked = [check_name(identifier, "identifier") for identifier in identifiers]
         app_keys = self.app.keys
         script_keys = [*app_keys.due_all, *app_keys.sched_all(self.scope)]
         script_keys += [app_keys.requests(self.scope), app_keys.leases, app_keys.parked]
         script_keys += [app_keys.history(self.scope), app_keys.counts, app_keys.deadletter]
-        args = [self.scope, *self.app.settings.history, *identifiers]
-        result = self.app.call("cancel", script_keys, args)
+        args = [self.scope, *self.app.settings.history, *checked]
+        return ScriptCall("cancel", script_keys, args)
+
+    @staticmethod
+    def _cancel_result(result: int | list[bytes]) -> int:
+        """How many cancel.lua cancelled, or why it wrote nothing."""
         if isinstance(result, list):
             raise _foreign(result, "nothing was cancelled")
         return int(result)
 
     def pending_task_requests(self) -> list[BGTaskRequest]:
-        """Copies of the requests not yet started (pending or dispatched), earliest first.
-        A record bgqueue did not write is left out (the scripts that meet it dead-letter it)."""
+        """Copies of the requests not yet started (pending or dispatched), earliest first."""
         with self.app.service():
             raw = self.app.client.hgetall(self.app.keys.requests(self.scope))
-        found = []
-        for field, value in raw.items():
-            if field.startswith(b"#"):
-                continue
-            try:
-                record = json.loads(value)
-                found.append((record["e"], field.decode(), from_record(field.decode(), record)))
-            except (ValueError, KeyError, TypeError, IndexError):
-                continue
-        found.sort(key=lambda entry: (entry[0], entry[1]))
-        return [request for _, _, request in found]
+        return _copies(raw)
+
+    async def apending_task_requests(self) -> list[BGTaskRequest]:
+        """`pending_task_requests` from an event loop, without blocking it."""
+        client = await self.app.aclient()
+        with self.app.service():
+            raw = await client.hgetall(self.app.keys.requests(self.scope))
+        return _copies(raw)
 
     def history(self, limit: int = 100) -> list[TaskRecord]:
         """The scope's most recent finished or cancelled runs, newest first."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ParameterError(f"limit must be a positive integer, got {limit!r}")
+        _check_limit(limit)
         with self.app.service():
             entries = self.app.client.lrange(self.app.keys.history(self.scope), 0, limit - 1)
+        return [TaskRecord.from_json(entry) for entry in entries]
+
+    async def ahistory(self, limit: int = 100) -> list[TaskRecord]:
+        """`history` from an event loop, without blocking it."""
+        _check_limit(limit)
+        client = await self.app.aclient()
+        with self.app.service():
+            entries = await client.lrange(self.app.keys.history(self.scope), 0, limit - 1)
         return [TaskRecord.from_json(entry) for entry in entries]
 
     def simulate_launch(self, identifier: str) -> bool:
@@ -193,6 +236,27 @@ def _must_start_now(batch: list[BGTaskRequest]) -> str:
         if isinstance(request, ContinuedProcessingTaskRequest)
         and request.strategy is ContinuedProcessingStrategy.FAIL
     )
+
+
+def _copies(raw: dict[bytes, bytes]) -> list[BGTaskRequest]:
+    """Request copies from a scope's hash (HGETALL), earliest first. A record bgqueue did
+    not write is left out (the scripts that meet it dead-letter it)."""
+    found = []
+    for field, value in raw.items():
+        if field.startswith(b"#"):
+            continue
+        try:
+            record = json.loads(value)
+            found.append((record["e"], field.decode(), from_record(field.decode(), record)))
+        except (ValueError, KeyError, TypeError, IndexError):
+            continue
+    found.sort(key=lambda entry: (entry[0], entry[1]))
+    return [request for _, _, request in found]
+
+
+def _check_limit(limit: object) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ParameterError(f"limit must be a positive integer, got {limit!r}")
 
 
 def _foreign(result: list[bytes], outcome: str) -> Unavailable:

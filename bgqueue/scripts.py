@@ -6,9 +6,11 @@ in KEYS so the scripts stay valid on Redis Cluster (all keys of one app share a 
 
 from __future__ import annotations
 
+import hashlib
 import re
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -62,6 +64,23 @@ def source(name: str) -> str:
     """The text of lua/NAME.lua with its includes spliced in."""
     text = (FOLDER / f"{name}.lua").read_text()
     return INCLUDE.sub(lambda found: (FOLDER / "include" / f"{found[1]}.lua").read_text(), text)
+
+
+@cache
+def sha(name: str) -> str:
+    """The SHA1 Redis knows lua/NAME.lua by (EVALSHA), computed here as redis-py does."""
+    return hashlib.sha1(source(name).encode()).hexdigest()
+
+
+class ScriptCall(NamedTuple):
+    """One script call built and checked before anything is sent, so the same call goes to
+    `BackgroundApp.call` or `BackgroundApp.acall`: `app.call(*script_call)`."""
+
+    script: str
+    keys: list[str]
+    args: list[Any]
+    wake: bool = False  # and wake beat, in the same round trip
+    announce: bool = False  # and name the app in bgqueue:apps, in the same round trip
 
 
 class Scripts:
