@@ -54,7 +54,6 @@ import bgqueue as bg  # noqa: E402
 # would keep renewing the leases of messages that a running worker would have started.
 PAUSED_ENV = {
     "BGQUEUE_HEARTBEAT_TIMEOUT": "600",
-    "BGQUEUE_CLAIM_LEASE": "600",
     "BGQUEUE_DISPATCH_LEASE": "600",
 }
 

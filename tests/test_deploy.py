@@ -47,7 +47,7 @@ import yaml
 from referencing import Registry, Resource
 
 import bgqueue.cli
-from bgqueue import conditions, efficiency, keys
+from bgqueue import conditions, keys
 from bgqueue.app import BackgroundApp
 from bgqueue.broker import ENV_BROKER_URL
 from bgqueue.embedded import free_port, redis_server_binary
@@ -1260,89 +1260,28 @@ def test_scaled_objects_target_worker_deployments() -> None:
 
 
 def test_keda_prometheus_triggers_use_documented_metrics_of_the_worker_app() -> None:
+    """Every pool scales on beat's pending metric of the app it runs: a pool that runs every
+    profile on everything waiting for a worker; one that does not, only on what is already
+    published (a request waiting for a capable worker may be one it cannot run either)."""
     docs = rendered("base")
     workers = worker_deployments(docs)
-    used = 0
-    for so in of_kind(docs, "ScaledObject").values():
+    scaled = of_kind(docs, "ScaledObject")
+    assert scaled
+    for so in scaled.values():
         worker = workers[so["spec"]["scaleTargetRef"]["name"]]
         (container,) = worker["spec"]["template"]["spec"]["containers"]
         app, overrides = check_worker(parse_cli(bgqueue_args(container))[1])
-        for trigger in so["spec"]["triggers"]:
-            if trigger["type"] != "prometheus":
-                continue
-            used += 1
+        triggers = so["spec"]["triggers"]
+        assert {t["type"] for t in triggers} == {"prometheus"}
+        for trigger in triggers:
             query = trigger["metadata"]["query"]
             assert check_promql(query) == {"bgqueue_pending_requests"}
             assert f'app="{app.app_id}"' in query, "the app this Deployment runs"
-            # A pool that runs every profile may scale on everything waiting for a worker.
-            assert set(conditions.profiles(overrides)) == set(range(16)), "pending has no profile"
-    assert used
-
-
-def test_keda_redis_triggers_watch_every_list_of_the_worker_profiles_queues() -> None:
-    """kombu keeps a queue's priority steps in separate lists; bgqueue publishes on two of
-    them (efficiency.PRIORITY_LANE and NORMAL_LANE). A Redis trigger set must watch both lists
-    of every profile queue the worker consumes, and nothing else."""
-    docs = rendered("base")
-    workers = worker_deployments(docs)
-    used = 0
-    for so in of_kind(docs, "ScaledObject").values():
-        lists = [t["metadata"]["listName"] for t in so["spec"]["triggers"] if t["type"] == "redis"]
-        if not lists:
-            continue
-        used += 1
-        worker = workers[so["spec"]["scaleTargetRef"]["name"]]
-        (container,) = worker["spec"]["template"]["spec"]["containers"]
-        app, overrides = check_worker(parse_cli(bgqueue_args(container))[1])
-        names = keys.AppKeys(app.app_id)
-        steps = names.KOMBU_PRIORITY_STEPS
-        lanes = [steps.index(efficiency.PRIORITY_LANE), steps.index(efficiency.NORMAL_LANE)]
-        expected = {
-            names.queue_lists(profile)[lane]
-            for profile in conditions.profiles(overrides)
-            for lane in lanes
-        }
-        assert sorted(lists) == sorted(expected)
-        for trigger in so["spec"]["triggers"]:
-            assert trigger["metadata"].get("databaseIndex", "0") == "0", "the broker URL's /0"
-    assert used
-
-
-def test_keda_redis_authentication_gives_the_address_and_password() -> None:
-    docs = rendered("overlays/dev")
-    dev_secrets = {n: s["stringData"] for n, s in of_kind(docs, "Secret").items()}
-    for auth in of_kind(docs, "TriggerAuthentication").values():
-        params = {
-            r["parameter"]: dev_secrets[r["name"]][r["key"]]
-            for r in auth["spec"]["secretTargetRef"]
-        }
-        assert set(params) == {"address", "password"}
-        url = dev_secrets["bgqueue-redis"]["url"]
-        assert url == f"redis://:{params['password']}@{params['address']}/0"
-
-
-def test_redis_lists_the_triggers_watch_are_where_beat_publishes(redis_url: str) -> None:
-    """Beat's own publish step (Beat.publish, as after a claim) sends a request of each
-    profile the battery pool runs: each message lands in a list its ScaledObject watches."""
-    from bgqueue.beat import Beat, Claimed
-
-    so = of_kind(rendered("base"), "ScaledObject")["bgqueue-worker-battery"]
-    watched = {t["metadata"]["listName"] for t in so["spec"]["triggers"]}
-    worker = worker_deployments(rendered("base"))["bgqueue-worker-battery"]
-    (container,) = worker["spec"]["template"]["spec"]["containers"]
-    app, overrides = check_worker(parse_cli(bgqueue_args(container))[1])
-    names = keys.AppKeys(app.app_id)
-    beat = Beat(redis_url)
-    client = redis.Redis.from_url(redis_url)
-    try:
-        for profile in conditions.profiles(overrides):
-            member = keys.member("default", "com.example.news.refresh")
-            beat.publish(names, [Claimed(member, 1, profile)])
-            queued = [name for name in names.queue_lists(profile) if client.llen(name)]
-            assert queued and set(queued) <= watched, (profile, queued)
-    finally:
-        client.close()
-        beat.client.close()
+            reasons = set(re.findall(r"dispatched|no_capable_worker|no_handler|not_due", query))
+            if set(conditions.profiles(overrides)) == set(range(16)):
+                assert reasons == {"dispatched", "no_capable_worker", "no_handler"}
+            else:
+                assert reasons == {"dispatched"}
 
 
 def test_podmonitor_scrapes_the_metrics_port_of_beat_and_workers() -> None:
