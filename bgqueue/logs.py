@@ -54,7 +54,7 @@ class JsonFormatter(logging.Formatter):
         if task is not None:  # Celery's own lines about a task, in the pool process
             entry["task_id"] = task.request.id
             kwargs = task.request.kwargs or {}
-            if {"scope", "gen", "profile"} <= kwargs.keys():  # a request's message
+            if {"scope", "gen", "requires"} <= kwargs.keys():  # a request's message
                 entry.setdefault("app", task.app.main)
                 entry.setdefault("scope", kwargs["scope"])
                 entry.setdefault("identifier", task.name)

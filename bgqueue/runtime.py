@@ -234,7 +234,7 @@ class Run:
         """Interrupt a body that must not go on; the watchdog kills it after the grace."""
         if self.body.returned.is_set() or self.body.interrupt_sent:
             return
-        log.warning("stopping %s (run %s): %s", self.task.identifier, self.gen, why)
+        log.warning("terminating %s (run %s): %s", self.task.identifier, self.gen, why)
         self._stopped_at = time.monotonic()
         self.body.interrupt()
 

@@ -111,7 +111,7 @@ def _request_lines(client: Any, app: keys.AppKeys, now: int, workers: list[Worke
     lines = [
         f"  pending: {pending} (not yet due: {by_reason['not_due']}, "
         f"no capable worker: {by_reason['no_capable_worker']}, "
-        f"no_handler: {by_reason['no_handler']})",
+        f"no handler: {by_reason['no_handler']})",
         f"  dispatched, not started: {by_reason['dispatched']}",
         f"  running: {len(running)}",
     ]

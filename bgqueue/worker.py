@@ -283,6 +283,13 @@ class Channel(kombu_redis.Channel):
     goes to the dead letter: kombu would raise out of the worker's event loop, which
     stops the worker (Celery's "Unrecoverable error")."""
 
+    def _restore(self, message: Any, leftmost: bool = False) -> Any:
+        # A message requeued by its worker (its pool process was killed) goes back in one
+        # piece; without ack emulation kombu marks the copy redelivered only where Celery
+        # does not look, so mark its delivery_info as the unacked-hash restore would.
+        message.delivery_info["redelivered"] = True
+        return super()._restore(message, leftmost)  # type: ignore[no-untyped-call]
+
     def _brpop_read(self, **options: Any) -> bool:
         try:
             return bool(super()._brpop_read(**options))  # type: ignore[no-untyped-call]

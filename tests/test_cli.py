@@ -148,7 +148,7 @@ def test_simulate_launch_expire_and_status_against_a_live_worker(
     assert "alive" in worker_line and "busy 0/1" in worker_line
     assert "external_power=false" in worker_line and "data_protection=complete" in worker_line
     assert f"app {APP_ID}" in report
-    assert "pending: 1 (due now: 0, not yet due: 1)" in report
+    assert "pending: 1 (not yet due: 1, no capable worker: 0, no handler: 0)" in report
     assert "running: 0" in report
     # The sample app uses none of the HarmonyOS parts: each section says so in one line.
     for section in ("continuous tasks", "transient delays", "efficiency resources", "works"):
@@ -160,7 +160,7 @@ def test_simulate_launch_expire_and_status_against_a_live_worker(
     assert start["worker"] == "cli-w"
 
     report = ok(cli(redis_url, "status"))
-    assert "pending: 0 (due now: 0, not yet due: 0)" in report
+    assert "pending: 0 (not yet due: 0, no capable worker: 0, no handler: 0)" in report
     assert "running: 1" in report
     assert f"#{start['gen']} default/{slow} (processing) on cli-w" in report
 
@@ -437,7 +437,7 @@ def test_celery_report_loads_the_documented_app_path() -> None:
     assert f"broker_url: 'redis://:********@127.0.0.1:{port}/0'" in done.stdout
     assert "s3cret" not in done.stdout + done.stderr
     # The sample app's own Celery config, not a default app's.
-    assert f"task_default_queue: 'bgqueue.{APP_ID}.p0'" in done.stdout
+    assert "worker_consumer: 'bgqueue.worker:Consumer'" in done.stdout
     # A wrong attribute path fails: exit 0 above means the dotted path resolved.
     wrong = subprocess.run(
         [sys.executable, "-m", "celery", "-A", f"{SAMPLE_APP}.no_such_attr", "report"],

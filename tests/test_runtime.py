@@ -630,7 +630,7 @@ def test_rolling_deploy_offers_a_request_only_to_a_worker_with_its_handler(
         1.0,
         "B waits for a worker with its handler",
     )
-    assert "no_handler: 1" in status.report(redis_client)
+    assert "no handler: 1" in status.report(redis_client)
     waiting = pending_requests(redis_client, sample_app.keys, set(range(16)), 0)
     assert waiting[("processing", "no_handler")] == 1
 

@@ -115,7 +115,9 @@ def test_sigterm_leaves_requests_not_started_to_other_workers(
     assert exited(worker, 15) == 0
     assert [r.state for r in history(sample_app, P + "a")] == ["completed"]
     assert not events(redis_client, "start", P + "b")
-    assert _state(redis_client, P + "b") == "dispatched"
+    # Still waiting for its message to be taken, or (w1's class has no live worker left)
+    # handed back to pending for the next worker to come.
+    assert _state(redis_client, P + "b") in ("dispatched", "pending")
 
     cluster.worker("w2", concurrency=1)
     wait_for(lambda: history(sample_app, P + "b"), 15, "b to run on w2")

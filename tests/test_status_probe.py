@@ -81,12 +81,19 @@ def test_check_worker_counts_a_worker_of_any_app(redis_url: str) -> None:
     heartbeat script writes them."""
     fresh = bg.BackgroundApp("com.bgqueue.probe.fresh", broker_url=redis_url)
     stale = bg.BackgroundApp("com.bgqueue.probe.stale", broker_url=redis_url)
+
+    def beat(app: bg.BackgroundApp, timeout_ms: int) -> None:
+        k = app.keys
+        script_keys = [k.workers, k.alive, k.classes, k.classlive]
+        beat_json = '{"token": "t"}'
+        app.call("heartbeat", script_keys, ["shared", beat_json, timeout_ms, "t", "c", "{}"])
+
     for app, timeout_ms in ((stale, 1), (fresh, 60_000)):
         app.announce()
-        app.call("heartbeat", [app.keys.workers, app.keys.alive], ["shared", "{}", timeout_ms])
+        beat(app, timeout_ms)
     wait_for(lambda: check_worker(redis_url, "shared").returncode == 0, 10, "live in one app")
     assert "(app com.bgqueue.probe.fresh," in answer(check_worker(redis_url, "shared"))
-    fresh.call("heartbeat", [fresh.keys.workers, fresh.keys.alive], ["shared", "{}", 0])
+    beat(fresh, 0)
     done = check_worker(redis_url, "shared")
     assert done.returncode == 1
     assert "heartbeat lapsed" in answer(done) and "(app com.bgqueue.probe.stale)" in answer(done)
