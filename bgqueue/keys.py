@@ -132,13 +132,13 @@ class AppKeys:
         return f"{self.base}:transient:delays:{scope}"
 
     def transient_runs(self, scope: str) -> str:
-        """HASH run generation → JSON {b: base deadline ms, t: charged up to ms} of the
-        scope's runs that hold delays."""
+        """HASH run generation → JSON {b: base deadline ms} of the scope's runs that hold
+        delays, and '#t' → ms up to which the scope has been charged."""
         return f"{self.base}:transient:runs:{scope}"
 
     def transient_ledger(self, scope: str) -> str:
-        """ZSET "<gen>:<ms>:<charged ms>" scored by when the delay time was charged: the
-        scope's rolling 24-hour quota."""
+        """ZSET "<ms>:<charged ms>" scored by when the delay time was charged: the scope's
+        rolling 24-hour quota."""
         return f"{self.base}:transient:ledger:{scope}"
 
     @property

@@ -1,0 +1,159 @@
+"""Beat shares itself fairly and keeps dates: a burst in one requirement profile, or in one
+app, makes no other profile's or app's requests late; a request due within the dispatch
+window is sent ahead and started on its date by the worker, while a cancel or a replace
+inside the window still wins; an app beat has forgotten is known again by submitting.
+
+Real beat and worker processes on the test Redis; lateness is a start event's time (the
+worker's clock, this machine) less the request's earliest-begin date.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+
+import bgqueue as bg
+from bgqueue import keys
+from tests.apps import punctual
+from tests.harness import APP_ID, Cluster, events, wait_for
+
+P = "com.bgqueue.test."
+PUNCTUAL = "tests.apps.punctual:app"
+
+
+@pytest.fixture(autouse=True)
+def _kill_processes_at_teardown(cluster: Cluster) -> Iterator[None]:
+    """SIGKILL the test's processes at once: a graceful stop of a worker with thousands
+    of requests queued is not what these tests check."""
+    yield
+    cluster.kill_all()
+
+
+def producer(url: str, app_id: str = APP_ID, **limits: Any) -> bg.BackgroundApp:
+    return bg.BackgroundApp(
+        app_id, permitted_identifiers=[f"{app_id}.*"], broker_url=url, limits=bg.Limits(**limits)
+    )
+
+
+def punctual_starts(client: redis.Redis) -> list[dict[str, Any]]:
+    return [json.loads(raw) for raw in client.lrange(punctual.STARTS, 0, -1)]
+
+
+def at(seconds: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+def test_a_burst_in_one_profile_makes_no_other_profile_late(
+    cluster: Cluster, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """1,600 requests due at once in the external-power profile (several claim batches)
+    and one due half a second later in the network profile, each served by its own worker:
+    the network request starts within 100 ms of its date. (When a full batch narrowed
+    beat's next pass to the busy profile, it forgot the other profile's next date and
+    started it 200-550 ms late.)"""
+    app = producer(redis_url, max_pending_processing=2000)
+    cluster.worker("mains", ["external_power=true", "network=none"], concurrency=1)
+    cluster.worker("laptop", ["external_power=false", "network=wifi"], concurrency=1)
+    cluster.beat()
+    app.scheduler.submit(bg.ProcessingTaskRequest(P + "a", requires_network_connectivity=True))
+    wait_for(lambda: events(redis_client, "end", P + "a"), 15, "beat and workers serving")
+    burst = [
+        bg.ProcessingTaskRequest(f"{P}b.{i}", requires_external_power=True) for i in range(1600)
+    ]
+    date = at(0.5)
+    app.scheduler_for("burst").submit_many(burst)
+    app.scheduler_for("other").submit(
+        bg.ProcessingTaskRequest(
+            P + "c", earliest_begin_date=date, requires_network_connectivity=True
+        )
+    )
+    start = wait_for(lambda: events(redis_client, "start", P + "c"), 15, "the network request")
+    late = start[0]["t"] - date.timestamp()
+    print(f"\nnetwork request started {late * 1000:.1f} ms after its date")
+    assert start[0]["worker"] == "laptop"
+    assert -0.005 <= late < 0.1, f"started {late * 1000:.0f} ms after its date"
+
+
+def test_a_burst_in_one_app_makes_no_other_app_late(
+    cluster: Cluster, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """20,000 requests of one app due at once, and five of another app due 200 ms later,
+    served by its own idle worker: beat takes the apps in turn, a bounded batch each, so
+    the five start within a few hundred milliseconds of their date. (When beat drained one
+    app's whole backlog before looking at the next, they started 3.3-4.4 s late.)"""
+    busy = producer(redis_url, max_pending_processing=20_000)
+    other = producer(redis_url, punctual.APP_ID)
+    cluster.worker("busy", concurrency=1)
+    cluster.worker("idle", concurrency=2, app=PUNCTUAL, app_id=punctual.APP_ID)
+    cluster.beat()
+    other.scheduler_for("warm-up").submit(bg.ProcessingTaskRequest(punctual.JOB))
+    wait_for(lambda: punctual_starts(redis_client), 15, "beat and the idle worker serving")
+    busy.scheduler_for("burst").submit_many(
+        bg.ProcessingTaskRequest(f"{P}b.{i}") for i in range(20_000)
+    )
+    date = at(0.2)
+    for n in range(5):
+        other.scheduler_for(f"s{n}").submit(
+            bg.ProcessingTaskRequest(punctual.JOB, earliest_begin_date=date)
+        )
+    wait_for(lambda: len(punctual_starts(redis_client)) == 6, 15, "the five to start")
+    late = sorted(s["t"] - date.timestamp() for s in punctual_starts(redis_client)[1:])
+    print(f"\nthe other app's requests started {[round(x * 1000) for x in late]} ms late")
+    assert late[0] >= -0.005 and late[-1] < 0.5, late
+    assert redis_client.zcard(busy.keys.due(0)), "the burst was still being dispatched"
+
+
+def test_a_cancel_or_replace_inside_the_dispatch_window_wins(
+    cluster: Cluster, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Requests due within the dispatch window are sent ahead to the worker, which holds
+    them until their date: each starts on its date; one cancelled, and one replaced, after
+    being sent never run in their old form (the start checks the generation)."""
+    app = producer(redis_url)
+    cluster.worker("w1", concurrency=2)
+    cluster.beat()
+    app.scheduler.submit(bg.ProcessingTaskRequest(P + "a"))
+    wait_for(lambda: events(redis_client, "end", P + "a"), 15, "beat and the worker serving")
+    date = at(0.8)
+    for name in ("b", "c", "process"):
+        app.scheduler.submit(
+            bg.ProcessingTaskRequest(P + name, earliest_begin_date=date, payload={"v": 1})
+        )
+    sent = wait_for(lambda: len(redis_client.zrange(app.keys.leases, 0, -1)) == 3, 5, "sent")
+    assert sent and datetime.now(UTC) < date, "sent ahead of the date"
+    assert app.scheduler.cancel(P + "b")
+    app.scheduler.submit(
+        bg.ProcessingTaskRequest(P + "c", earliest_begin_date=date, payload={"v": 2})
+    )
+    wait_for(lambda: len(events(redis_client, "end")) == 3, 10, "process and the new c")
+    started = {e["id"]: e for e in events(redis_client, "start")}
+    assert set(started) == {P + "a", P + "c", P + "process"}
+    assert started[P + "c"]["payload"] == {"v": 2}
+    late = started[P + "process"]["t"] - date.timestamp()
+    print(f"\nsent-ahead request started {late * 1000:.1f} ms after its date")
+    assert -0.005 <= late < 0.05, late
+    time.sleep(0.3)  # a stale copy of b or the old c would start about now
+    assert len(events(redis_client, "start")) == 3
+
+
+def test_submitting_makes_an_app_known_to_beat(
+    cluster: Cluster, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """An app whose entry in bgqueue:apps was lost (a restore, a hand-edit) is served again
+    as soon as it submits: the submit names it, and beat also learns it from the wake-up.
+    (Before, beat ignored its requests until some process of the app restarted.)"""
+    app = producer(redis_url)
+    cluster.worker("w1", concurrency=1)
+    cluster.beat()
+    app.scheduler.submit(bg.ProcessingTaskRequest(P + "a"))
+    wait_for(lambda: events(redis_client, "end", P + "a"), 15, "the first request")
+    redis_client.srem(keys.APPS, APP_ID)
+    app.scheduler.submit(bg.ProcessingTaskRequest(P + "b"))
+    wait_for(lambda: events(redis_client, "end", P + "b"), 5, "the request after the loss")
+    assert redis_client.sismember(keys.APPS, APP_ID)
