@@ -92,7 +92,7 @@ DAY_MS = 86_400_000
 
 def quota_used(client: Any, k: AppKeys, now_ms: int) -> dict[str, int]:
     """Ms of delay charged in the rolling 24 hours, by scope, for the scopes in the app's
-    index (the ledger's members end in their charge, `"<gen>:<ms>:<charged ms>"`). Reads
+    index (the ledger's members end in their charge, `"<ms>:<charged ms>"`). Reads
     only: live reservations and runs lost unsettled are not charges yet."""
     scopes = [raw.decode() for raw in client.zrange(k.transient_scopes, 0, -1)]
     with client.pipeline(transaction=False) as pipe:
