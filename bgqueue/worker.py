@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("bgqueue.worker")
 
 NAME_ENV = "BGQUEUE_WORKER_NAME"
+EXIT_NAME_TAKEN = 2  # the exit status of every bgqueue error (cli.run)
 CONDITIONS_ENV = "BGQUEUE_CONDITIONS"  # "key=value,key=value", set by `bgqueue worker --condition`
 CONTINUOUS_ENV = "BGQUEUE_CONTINUOUS"  # "1": serve continuous tasks, set by `--continuous`
 
@@ -343,10 +345,6 @@ def _for(celery: Celery, hook: Callable[..., None]) -> Callable[..., None]:
     return receiver
 
 
-class NameTaken(SystemExit):
-    """Another live worker has this worker's name: its heartbeat would be overwritten."""
-
-
 def worker_class(app: BackgroundApp, found: dict[str, str], continuous: bool) -> tuple[str, str]:
     """The id and JSON of a worker's class: the profiles its conditions satisfy and the
     handlers its build registered (continuous ones only on a --continuous worker). Workers
@@ -457,7 +455,11 @@ class Heartbeat:
         deadline = time.monotonic() + settings.heartbeat_timeout + settings.heartbeat_interval
         while (holder := self.holder()) is not None:
             if time.monotonic() > deadline:
-                raise NameTaken(_taken(holder))
+                # Celery turns any exception raised here into a log line, or a SystemExit
+                # into a clean exit: this worker must not start, and must say why.
+                log.critical("%s", _taken(holder))
+                print(f"error: {_taken(holder)}", file=sys.stderr, flush=True)
+                os._exit(EXIT_NAME_TAKEN)
             time.sleep(settings.heartbeat_interval)
 
     def holder(self) -> dict[str, Any] | None:

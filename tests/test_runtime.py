@@ -10,6 +10,7 @@ fields of history records. Every wait polls a condition with a deadline.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -483,6 +484,53 @@ def test_simulate_expiration_calls_the_handler_now(
     assert len(runs(sample_app.scheduler, PROCESS)) == 1
 
 
+def test_a_requeued_run_waits_as_retrying_outside_the_pending_limit(
+    cluster: Cluster, sample_app: bg.BackgroundApp, redis_client: redis.Redis
+) -> None:
+    """Refresh A runs and refresh B is submitted (the limit of one counts what waits, not
+    what runs); A's worker dies. A comes back as a retrying request (attempt 2) beside B:
+    accepted once already, it waits outside the limit, so the scope's counter still holds
+    one, a third refresh is refused, and both run on the next worker. (Before, the requeue
+    left two pending refresh requests counted against a limit of one.)"""
+    cluster.beat()
+    worker = cluster.worker("w1", concurrency=1, env={"TEST_REFRESH_BUDGET": "30"})
+    payload = {"first_sleep": 30, "complete": True}
+    sample_app.scheduler.submit(bg.AppRefreshTaskRequest(REFRESH, payload=payload))
+    started(redis_client, REFRESH)
+    sample_app.scheduler.submit(bg.AppRefreshTaskRequest(B, payload={"complete": True}))
+    worker.kill()
+    wait_for(lambda: raw_record(redis_client, REFRESH).get("a") == 1, 15, "A requeued")
+    pending = {r.identifier for r in sample_app.scheduler.pending_task_requests()}
+    assert pending == {REFRESH, B}
+    counters = redis_client.hmget(f"bgqueue:{{{APP_ID}}}:req:default", "#refresh", "#processing")
+    assert counters == [b"1", None]
+    with pytest.raises(bg.TooManyPendingTaskRequests):
+        sample_app.scheduler.submit(bg.AppRefreshTaskRequest(C))
+    cluster.worker("w2", concurrency=2)
+    wait_for(lambda: len(events(redis_client, "end")) == 2, 15, "A again, and B")
+    assert [e["attempt"] for e in events(redis_client, "start", REFRESH)] == [1, 2]
+    assert redis_client.hgetall(f"bgqueue:{{{APP_ID}}}:req:default") == {}
+
+
+def test_a_second_worker_with_a_live_workers_name_refuses_to_start(
+    cluster: Cluster, redis_client: redis.Redis
+) -> None:
+    """Two workers given the same --name (a scaled service): the second waits out the first
+    one's heartbeat and, finding it live, exits with an error naming the holder; the first
+    keeps its name. Once the first is gone, a worker may take the name again (a restart).
+    (Before, both ran and overwrote each other's heartbeat and conditions.)"""
+    first = cluster.worker("twin", concurrency=1)
+    second = cluster.worker("twin", concurrency=1, wait=False)
+    assert second.popen.wait(15) != 0
+    assert "a live worker already has the name 'twin'" in second.log()
+    assert f"pid {first.pid}" in second.log()
+    holder = json.loads(redis_client.hget(f"bgqueue:{{{APP_ID}}}:workers", "twin"))
+    assert holder["pid"] == first.pid and first.alive()
+    first.kill()
+    again = cluster.worker("twin", concurrency=1)
+    assert again.alive()
+
+
 # --- continued processing -----------------------------------------------------------
 
 
@@ -536,6 +584,67 @@ def test_continued_fail_strategy_needs_a_free_worker_now(
         "continued_processing",
     )
     assert record.worker == "w1"
+
+
+def busy(app: bg.BackgroundApp, worker: str = "w1") -> bool:
+    """Whether the worker's heartbeat reports every slot busy, or a run is recorded."""
+    beat = app.live_workers().get(worker)
+    return bool(app.client.hlen(app.keys.running)) or (
+        bool(beat) and beat["busy"] >= beat["concurrency"]
+    )
+
+
+def test_two_producers_racing_for_the_last_slot_get_it_once(
+    cluster: Cluster, sample_app: bg.BackgroundApp, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Two producers, each on its own connection, released together by a barrier, submit a
+    FAIL continued-processing request while one slot is free: the free-slot check and the
+    submit are one step (submit.lua), so exactly one is accepted and the other refused,
+    every time. (When the check was a separate read, both passed it.)"""
+    cluster.beat()
+    cluster.worker("w1", concurrency=1)
+    producers = [
+        bg.BackgroundApp(APP_ID, permitted_identifiers=[PREFIX + "*"], broker_url=redis_url)
+        for _ in range(2)
+    ]
+    for round_no in range(4):
+        barrier = threading.Barrier(2)
+        outcomes: list[str] = []
+
+        def submit(
+            app: bg.BackgroundApp,
+            scope: str,
+            barrier: threading.Barrier = barrier,
+            outcomes: list[str] = outcomes,
+        ) -> None:
+            request = bg.ContinuedProcessingTaskRequest(
+                CONTINUED,
+                title="Export",
+                strategy=bg.ContinuedProcessingStrategy.FAIL,
+                payload={"complete": True},
+            )
+            barrier.wait()
+            try:
+                app.scheduler_for(scope).submit(request)
+                outcomes.append("accepted")
+            except bg.ImmediateRunIneligible:
+                outcomes.append("refused")
+
+        threads = [
+            threading.Thread(target=submit, args=(app, f"r{round_no}-{n}"))
+            for n, app in enumerate(producers)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert sorted(outcomes) == ["accepted", "refused"], (round_no, outcomes)
+        wait_for(
+            lambda n=round_no: len(events(redis_client, "end", CONTINUED)) == n + 1,
+            10,
+            "the accepted one to run",
+        )
+        wait_for(lambda: not busy(sample_app), 5, "w1 to report its slot free")
 
 
 def test_continued_queue_strategy_waits_for_a_worker(

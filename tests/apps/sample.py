@@ -47,35 +47,37 @@ def record(task: bg.BGTask, event: str, **extra: Any) -> None:
     app.client.rpush(EVENTS, json.dumps(entry))
 
 
-def behave(task: bg.BGTask) -> None:
-    """Payload keys: sleep (s), complete (bool), expiration ('complete'|'record'|'slow', with
-    expiration_sleep s),
-    raise (message), progress ({"every": s, "steps": n}) for continued processing."""
-    spec: dict[str, Any] = task.payload or {}
-    record(task, "start", payload=spec)
-    if spec.get("expiration") == "complete":
+def expiration_handler(task: bg.BGTask, spec: dict[str, Any]) -> Any:
+    """The payload's expiration handler: 'complete' completes unsuccessfully, 'record' only
+    records, 'slow' takes `expiration_sleep` s (a handler that flushes, joins...)."""
+    kind = spec.get("expiration")
 
-        def expire() -> None:
-            record(task, "expiration")
+    def expire() -> None:
+        record(task, "expiration")
+        if kind == "complete":
             task.set_task_completed(success=False)
-
-        task.expiration_handler = expire
-    elif spec.get("expiration") == "record":
-        task.expiration_handler = lambda: record(task, "expiration")
-    elif spec.get("expiration") == "slow":  # a handler that flushes, joins, takes its time
-
-        def slow() -> None:
-            record(task, "expiration")
+        elif kind == "slow":
             time.sleep(spec["expiration_sleep"])
             record(task, "expiration_done")
 
-        task.expiration_handler = slow
+    return expire if kind in ("complete", "record", "slow") else None
+
+
+def behave(task: bg.BGTask) -> None:
+    """Payload keys: sleep (s); first_sleep (s, the first attempt only); complete (bool);
+    expiration ('complete', 'record' or 'slow' with expiration_sleep s); raise (message);
+    progress ({"every": s, "steps": n}) for continued processing."""
+    spec: dict[str, Any] = task.payload or {}
+    record(task, "start", payload=spec)
+    task.expiration_handler = expiration_handler(task, spec)
     if "progress" in spec and isinstance(task, bg.ContinuedProcessingTask):
         task.progress.total_unit_count = spec["progress"]["steps"]
         for step in range(spec["progress"]["steps"]):
             time.sleep(spec["progress"]["every"])
             task.progress.completed_unit_count = step + 1
     time.sleep(spec.get("sleep", 0))
+    if task.attempt == 1:  # a first run that hangs, the rerun after its worker died does not
+        time.sleep(spec.get("first_sleep", 0))
     if spec.get("raise"):
         raise RuntimeError(spec["raise"])
     if "complete" in spec:
