@@ -404,12 +404,12 @@ class Beat:
         lapsed = self.client.zrangebyscore(app.leases, "-inf", self.server_ms(), start=0, num=batch)
         if not lapsed:
             return
+        view = self.view(app)  # read before lapsed.lua writes: a failure here writes nothing
         members = [m.decode() for m in lapsed]
         script_keys = [app.leases, app.deadletter]
         script_keys += [app.requests(keys.split_member(m)[0]) for m in members]
         lease_ms = int(self.settings.dispatch_lease * 1000)
         raw = self.scripts.lapsed(keys=script_keys, args=[lease_ms, *members])
-        view = self.view(app)
         found = []
         for i in range(0, len(raw), 5):
             scope, identifier = keys.split_member(raw[i].decode())
@@ -465,6 +465,13 @@ class Beat:
 
     def _sweep_runs(self, app: keys.AppKeys) -> None:
         batch = self.settings.claim_batch
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hlen(app.running)
+            pipe.zcard(app.runleases)
+            running, leased = pipe.execute()
+        if running > leased:  # leases lost (foreign data moved aside): lapse them now
+            gens = self.client.hkeys(app.running)
+            self.client.zadd(app.runleases, dict.fromkeys(gens, 0), nx=True)
         lapsed = self.client.zrangebyscore(
             app.runleases, "-inf", self.server_ms(), start=0, num=batch
         )

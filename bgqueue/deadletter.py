@@ -104,7 +104,8 @@ def expected_types(app: AppKeys) -> dict[str, str]:
 def quarantine(client: Any, app: AppKeys) -> list[str]:
     """Move every fixed-name key of the app that holds the wrong type into the dead letter
     (a sample of it, then delete it); returns their names. Called by beat when a command
-    on the app's keys failed, so that one foreign key does not stop the app for good."""
+    on the app's keys failed, so that one foreign key does not stop the app for good. An
+    index moved aside is rebuilt from what it indexes (`rebuild`)."""
     types = expected_types(app)
     with client.pipeline(transaction=False) as pipe:
         for name in types:
@@ -119,7 +120,34 @@ def quarantine(client: Any, app: AppKeys) -> list[str]:
         if script(keys=[app.deadletter, name], args=["key", wanted, "wrong type"]):
             log.error("dead letter of %s: key %s held a %s; moved aside", app.app_id, name, held)
             moved.append(name)
+    rebuild(client, app, moved)
     return moved
+
+
+def rebuild(client: Any, app: AppKeys, moved: list[str]) -> None:
+    """Rebuild the indexes among `moved` from the records and schedules they index: a due
+    index from the scopes' schedules, the app's counts from the scopes' records. A repair
+    after foreign data, so it may SCAN the app's keys (never on a hot path)."""
+    for profile, due in enumerate(app.due_all):
+        if due in moved:
+            for sched in client.scan_iter(match=f"{app.base}:sched:{profile}:*", count=1000):
+                scope = sched.decode().split(":", 4)[-1]
+                first = client.zrange(sched, 0, 0, withscores=True)
+                if first:
+                    client.zadd(due, {scope: first[0][1]})
+    if app.counts in moved:
+        counts: dict[str, int] = {}
+        for req in client.scan_iter(match=f"{app.base}:req:*", count=1000):
+            for raw in client.hvals(req):
+                try:
+                    record = json.loads(raw)
+                    place = record["r"] if record["s"] == "pending" else record["s"]
+                    name = f"{record['k']}:{place}"
+                except (ValueError, KeyError, TypeError):
+                    continue  # a '#' counter, or not a request's
+                counts[name] = counts.get(name, 0) + 1
+        if counts:
+            client.hset(app.counts, mapping=counts)
 
 
 # -- messages on bgqueue's Celery queues ----------------------------------------------------

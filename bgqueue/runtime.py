@@ -52,7 +52,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bgqueue.runtime")
 
-__all__ = ["TaskTerminated", "context", "execute", "release"]
+__all__ = ["TaskTerminated", "context", "execute", "finish", "release"]
+
+Ending = tuple[State, bool, str]  # a run's end state, success, and reason
 
 
 @dataclass
@@ -146,13 +148,15 @@ def _start(app: BackgroundApp, scope: str, identifier: str, gen: int) -> Any:
     return raw or None
 
 
-def _finish(run: Run, state: State, success: bool, reason: str) -> bool:
-    """finish.lua: False if the run had already been given up as lost."""
-    app, task = run.app, run.task
+def finish(
+    app: BackgroundApp, scope: str, identifier: str, kind: Kind, gen: int, ended: Ending
+) -> bool:
+    """Record how a run ended (lua/finish.lua); False if it had already been given up as
+    lost (it ran twice: at-least-once)."""
     k = app.keys
-    script_keys = [k.running, k.runleases, k.history(task.scope), k.expire, k.deadletter]
-    history = app.settings.history
-    args = [run.gen, str(state), int(success), *history, reason, task.identifier, run.kind]
+    script_keys = [k.running, k.runleases, k.history(scope), k.expire, k.deadletter]
+    state, success, reason = ended
+    args = [gen, str(state), int(success), *app.settings.history, reason, identifier, kind, scope]
     return bool(app.call("finish", script_keys, args))
 
 
@@ -217,7 +221,10 @@ class Run:
         # The run's transient delays end with it, before the outcome is recorded (a dead
         # process settles nothing). A body still holding one gets the warning lead to return.
         self.delays.settle(grace=self.app.limits.warning_lead(self._budget))
-        if _finish(self, state, success, reason):
+        task = self.task
+        if finish(
+            self.app, task.scope, task.identifier, self.kind, self.gen, (state, success, reason)
+        ):
             metrics.count_run(self.app.app_id, self.kind, state, success)
         else:  # counted by beat, which recorded it as lost
             log.warning(
@@ -355,8 +362,9 @@ class Run:
         app = self.app
         lease_ms = int(app.settings.heartbeat_timeout * 1000)
         try:
+            k = app.keys
             alive, expire = app.call(
-                "renew", [app.keys.runleases, app.keys.expire], [self.gen, lease_ms]
+                "renew", [k.runleases, k.expire, k.running, k.deadletter], [self.gen, lease_ms]
             )
         except Exception as exc:  # a broker blip must not kill the watchdog
             log.warning("could not renew run %s: %s", self.gen, type(exc).__name__)

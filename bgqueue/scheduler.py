@@ -178,7 +178,7 @@ class Scheduler:
         _check_limit(limit)
         with self.app.service():
             entries = self.app.client.lrange(self.app.keys.history(self.scope), 0, limit - 1)
-        return [TaskRecord.from_json(entry) for entry in entries]
+        return _records(entries)
 
     async def ahistory(self, limit: int = 100) -> list[TaskRecord]:
         """`history` from an event loop, without blocking it."""
@@ -186,7 +186,7 @@ class Scheduler:
         client = await self.app.aclient()
         with self.app.service():
             entries = await client.lrange(self.app.keys.history(self.scope), 0, limit - 1)
-        return [TaskRecord.from_json(entry) for entry in entries]
+        return _records(entries)
 
     def simulate_launch(self, identifier: str) -> bool:
         """Make a pending request due now, ignoring its earliest-begin date (Apple's
@@ -195,9 +195,10 @@ class Scheduler:
         app_keys = self.app.keys
         with self.app.service():
             raw = self.app.client.hget(app_keys.requests(self.scope), identifier)
-        if raw is None:
+        try:
+            profile = int(json.loads(raw)["r"])
+        except (TypeError, ValueError, KeyError):  # none, or not a request's record
             return False
-        profile = int(json.loads(raw)["r"])
         script_keys = [
             app_keys.requests(self.scope),
             app_keys.sched(profile, self.scope),
@@ -252,6 +253,18 @@ def _copies(raw: dict[bytes, bytes]) -> list[BGTaskRequest]:
             continue
     found.sort(key=lambda entry: (entry[0], entry[1]))
     return [request for _, _, request in found]
+
+
+def _records(entries: list[bytes]) -> list[TaskRecord]:
+    """TaskRecords of history entries, newest first; an entry bgqueue did not write is
+    left out."""
+    found = []
+    for entry in entries:
+        try:
+            found.append(TaskRecord.from_json(entry))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return found
 
 
 def _check_limit(limit: object) -> None:

@@ -56,7 +56,7 @@ def make_celery(app: BackgroundApp) -> Celery:
     celery.conf.update(celery_config(app.broker_url))
     # What Celery and kombu cannot read goes to the app's dead letter (bgqueue.deadletter).
     celery.conf.worker_consumer = f"{__name__}:Consumer"
-    if urlsplit(app.broker_url).scheme == "redis":
+    if urlsplit(app.broker_url).scheme in ("redis", "rediss"):
         celery.conf.broker_transport = f"{__name__}:Transport"
         options = dict(celery.conf.broker_transport_options or {})
         celery.conf.broker_transport_options = {**options, APP_OPTION: app.app_id}

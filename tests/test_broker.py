@@ -18,6 +18,8 @@ from typing import Any, cast
 import pytest
 import redis
 
+import bgqueue as bg
+from bgqueue import deadletter
 from bgqueue.broker import connect, redact, resolve_broker_url, ssl_options
 from bgqueue.embedded import (
     HOST,
@@ -317,3 +319,35 @@ def test_celery_ssl_options() -> None:
     }
     with pytest.raises(ParameterError):
         ssl_options("rediss://127.0.0.1:6380/0?ssl_cert_reqs=maybe")
+
+
+def test_a_worker_over_tls_dead_letters_what_is_not_a_message(
+    tls_proxy: tuple[int, Path], redis_url: str, tmp_path: Path
+) -> None:
+    """A worker on a rediss:// broker uses bgqueue's guarded transport too: raw garbage on
+    its queue goes to the dead letter, and the worker keeps serving. (Before, only redis://
+    had the guard: over TLS kombu's error stopped the worker.)"""
+    from tests.apps import sample
+    from tests.harness import APP_ID, Cluster, events, wait_for
+
+    port, _ = tls_proxy
+    tls = f"rediss://{HOST}:{port}/0?ssl_cert_reqs=none"
+    cluster = Cluster(redis_url, tmp_path, env={"BGQUEUE_BROKER_URL": tls})
+    try:
+        worker = cluster.worker("tls", concurrency=1)
+        cluster.beat()
+        keys = sample.app.keys
+        [class_id] = cluster.client.zrange(keys.classlive, 0, -1)
+        cluster.client.lpush(keys.class_queue(class_id.decode()), b"\x00 not a message")
+        wait_for(
+            lambda: any("not JSON" in e.reason for e in deadletter.read(cluster.client, keys)),
+            15,
+            "the garbage to be dead-lettered",
+        )
+        producer = bg.BackgroundApp(APP_ID, permitted_identifiers=[f"{APP_ID}.*"], broker_url=tls)
+        producer.scheduler.submit(bg.ProcessingTaskRequest(f"{APP_ID}.a"))
+        wait_for(lambda: events(cluster.client, "end"), 15, "a request over TLS")
+        assert worker.alive(), worker.log()[-2000:]
+    finally:
+        cluster.kill_all()
+        cluster.stop_all()

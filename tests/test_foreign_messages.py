@@ -252,6 +252,22 @@ def test_wrong_type_due_set_is_moved_aside(untouched: Live) -> None:
     assert live.client.type(APP_KEYS.due(5)) == b"none"
 
 
+def test_an_index_moved_aside_is_rebuilt_from_the_schedules(untouched: Live) -> None:
+    """The profile-0 index is foreign data: beat moves it aside and rebuilds it from the
+    scopes' schedules, so the requests it indexed are neither lost nor stranded."""
+    live = untouched
+    live.client.delete(APP_KEYS.deadletter)
+    live.client.delete(APP_KEYS.due(0))
+    live.client.set(APP_KEYS.due(0), "not a sorted set")
+    live.wake_beat()
+    dead_lettered(live, "wrong type")
+    wait_for(
+        lambda: live.client.zscore(APP_KEYS.due(0), BYSTANDER_SCOPE) is not None,
+        10,
+        "the index to name the bystander's scope again",
+    )
+
+
 def test_wrong_type_request_hash_is_moved_aside(untouched: Live) -> None:
     """A scope's request hash that is a list: the key itself and the schedule entry naming
     it go to the dead letter."""
@@ -266,6 +282,18 @@ def test_wrong_type_request_hash_is_moved_aside(untouched: Live) -> None:
     moved = dead_lettered(live, "a list where a hash belongs")
     assert json.loads(moved.raw) == ["one", "two"]
     assert live.client.type(APP_KEYS.requests(scope)) == b"none"
+
+
+def test_garbage_in_the_workers_hash_is_dead_lettered(untouched: Live) -> None:
+    """A heartbeat entry that is not bgqueue's JSON is moved to the dead letter by beat's
+    sweep (and forgotten), instead of failing every sweep of the app."""
+    live = untouched
+    live.client.delete(APP_KEYS.deadletter)
+    live.client.hset(APP_KEYS.workers, "ghost", b"\x00not json")
+    live.client.zadd(APP_KEYS.alive, {"ghost": 2**50})
+    entry = dead_lettered(live, "heartbeat is not bgqueue JSON")
+    assert entry.source == f"{APP_KEYS.workers} ghost"
+    assert live.client.hget(APP_KEYS.workers, "ghost") is None
 
 
 # --- messages placed on the Celery queues the worker consumes ------------------------------

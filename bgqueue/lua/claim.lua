@@ -39,8 +39,11 @@ end
 -- Make every key and counter sound before the first real write.
 local wanted = {[DUE] = 'zset', [LEASES] = 'zset', [SEQ] = 'string', [COUNTS] = 'hash',
                 [PARKED] = 'zset'}
-for i = 1, n do wanted[KEYS[5 + 2 * i]], wanted[KEYS[6 + 2 * i]] = 'hash', 'zset' end
+for i = 1, n do wanted[KEYS[5 + 2 * i]] = 'hash' end
 for key, kind in pairs(wanted) do dead_letter_key(DL, key, kind, 'claim met a key') end
+for i = 1, n do
+  sound_schedule(DL, KEYS[5 + 2 * i], KEYS[6 + 2 * i], DUE, ARGV[5 + i], profile, 'claim met a key')
+end
 local seq = redis.call('GET', SEQ)
 if seq and not string.match(seq, '^%d+$') then
   -- Generations must never repeat: start again above any counter this app can have reached.

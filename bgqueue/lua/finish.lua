@@ -11,8 +11,8 @@
 -- ARGV[4]  history length cap
 -- ARGV[5]  history retention, ms
 -- ARGV[6]  reason (free text, may be empty)
--- ARGV[7], [8]  identifier and kind, for the history entry if the running record is not
---          bgqueue's (it is dead-lettered then)
+-- ARGV[7..9]  identifier, kind and scope, for the history entry if the running record is
+--          not bgqueue's (it is dead-lettered then)
 -- Returns 1, or 0 if the run had already been given up as lost and requeued
 -- (the request then runs twice: at-least-once).
 
@@ -29,7 +29,7 @@ if not raw then return 0 end
 local ok, rec = pcall(cjson.decode, raw)
 if not ok or type(rec) ~= 'table' then
   dead_letter(DL, RUNNING .. ' ' .. gen, 'running record is not JSON', raw)
-  rec = {i = ARGV[7], k = ARGV[8], a = 0}
+  rec = {i = ARGV[7], k = ARGV[8], sc = ARGV[9], a = 0}
 end
 redis.call('HDEL', RUNNING, gen)
 redis.call('ZREM', RUNLEASES, gen)

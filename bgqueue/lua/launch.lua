@@ -10,8 +10,14 @@
 -- ARGV[2]  identifier
 -- ARGV[3]  profile (as read from the record by the caller; checked again here)
 -- Returns 1 if the request is due now (or already dispatched), 0 if there is no such
--- pending request.
+-- pending request; an error, before any write, if a key holds another type.
 
+for i, kind in ipairs({'hash', 'zset', 'zset'}) do
+  local found = redis.call('TYPE', KEYS[i])['ok']
+  if found ~= 'none' and found ~= kind then
+    return redis.error_reply('launch.lua: ' .. KEYS[i] .. ' holds a ' .. found)
+  end
+end
 local raw = redis.call('HGET', KEYS[1], ARGV[2])
 if not raw then return 0 end
 local ok, rec = pcall(cjson.decode, raw)

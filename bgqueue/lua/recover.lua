@@ -27,8 +27,7 @@ local HISTORY, REQ, SCHED, DUE, COUNTS = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEY
 local gen = ARGV[1]
 local wanted = {[RUNNING] = 'hash', [RUNLEASES] = 'zset', [EXPIRE] = 'set'}
 if HISTORY then
-  wanted[HISTORY], wanted[REQ], wanted[SCHED], wanted[DUE], wanted[COUNTS] =
-    'list', 'hash', 'zset', 'zset', 'hash'
+  wanted[HISTORY], wanted[REQ], wanted[DUE], wanted[COUNTS] = 'list', 'hash', 'zset', 'hash'
 end
 for key, kind in pairs(wanted) do dead_letter_key(DL, key, kind, 'recover met a key') end
 
@@ -48,11 +47,19 @@ redis.call('HDEL', RUNNING, gen)
 if not raw or not sound or not HISTORY then return 2 end
 
 local id, scope = rec['i'], rec['sc']
+sound_schedule(DL, REQ, SCHED, DUE, scope, rec['r'], 'recover met a key')
 remember(HISTORY, {
   i = id, sc = scope, k = rec['k'], s = 'failed', ok = false, sa = rec['sa'], fa = now,
   w = rec['w'], g = rec['g'], a = rec['a'], why = 'worker lost (heartbeat lapsed)'},
   ARGV[3], ARGV[4])
-if rec['a'] + 1 >= tonumber(ARGV[2]) or redis.call('HEXISTS', REQ, id) == 1 then
+local newer = redis.call('HGET', REQ, id)
+if newer and not request_record(newer) then  -- not a request's: it does not stop the requeue
+  redis.call('HDEL', REQ, id)
+  recount(REQ)
+  dead_letter(DL, REQ .. ' ' .. id, 'record of no request; replaced by a requeued run', newer)
+  newer = nil
+end
+if rec['a'] + 1 >= tonumber(ARGV[2]) or newer then
   return 2
 end
 fix_counters(DL, COUNTS, {rec['k'] .. ':' .. rec['r']}, nil)

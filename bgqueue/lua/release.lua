@@ -18,11 +18,11 @@
 
 local REQ, LEASES, SCHED, DUE, COUNTS, DL = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local scope, id, gen = ARGV[1], ARGV[2], ARGV[3]
-local wanted = {[REQ] = 'hash', [LEASES] = 'zset', [SCHED] = 'zset', [DUE] = 'zset',
-                [COUNTS] = 'hash'}
+local wanted = {[REQ] = 'hash', [LEASES] = 'zset', [DUE] = 'zset', [COUNTS] = 'hash'}
 for key, kind in pairs(wanted) do dead_letter_key(DL, key, kind, 'release met a key') end
 local raw = redis.call('HGET', REQ, id)
 local rec = raw and request_record(raw)
+if rec then sound_schedule(DL, REQ, SCHED, DUE, scope, rec['r'], 'release met a key') end
 if not rec or rec['s'] ~= 'dispatched' or tostring(rec['g']) ~= gen then return 0 end
 fix_counters(DL, COUNTS, {rec['k'] .. ':dispatched', rec['k'] .. ':' .. rec['r']}, nil)
 rec['s'], rec['g'], rec['q'], rec['t'] = 'pending', nil, nil, now  -- t: pending again since now

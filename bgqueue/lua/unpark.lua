@@ -14,10 +14,15 @@
 
 local PARKED, COUNTS, DL = KEYS[1], KEYS[2], KEYS[3]
 local wanted = {[PARKED] = 'zset', [COUNTS] = 'hash'}
-for i = 1, #ARGV do
-  wanted[KEYS[1 + 3 * i]], wanted[KEYS[2 + 3 * i]], wanted[KEYS[3 + 3 * i]] = 'hash', 'zset', 'zset'
-end
+for i = 1, #ARGV do wanted[KEYS[1 + 3 * i]], wanted[KEYS[3 + 3 * i]] = 'hash', 'zset' end
 for key, kind in pairs(wanted) do dead_letter_key(DL, key, kind, 'unpark met a key') end
+for i, m in ipairs(ARGV) do
+  local profile, scope = string.match(m, '^(%d+)\31([^\31]+)\31')
+  if profile then
+    sound_schedule(DL, KEYS[1 + 3 * i], KEYS[2 + 3 * i], KEYS[3 + 3 * i], scope,
+      tonumber(profile), 'unpark met a key')
+  end
+end
 local fields = {}
 for kind in pairs(REQUEST_KINDS) do
   fields[#fields + 1] = kind .. ':parked'

@@ -116,3 +116,20 @@ local function fix_counters(dl, counts, fields, req)
     end
   end
 end
+
+-- A schedule key of another type is moved to the dead letter; the scope's pending requests
+-- of that profile are put back on a fresh one from their records (the records are what a
+-- request is; the schedule only orders them). Returns whether it had to.
+local function sound_schedule(dl, req, sched, due, scope, profile, why)
+  if not dead_letter_key(dl, sched, 'zset', why) then return false end
+  if redis.call('TYPE', req)['ok'] == 'hash' then
+    local all = redis.call('HGETALL', req)
+    for i = 1, #all, 2 do
+      local rec = string.sub(all[i], 1, 1) ~= '#' and request_record(all[i + 1])
+      if rec and rec['s'] == 'pending' and rec['r'] == profile then
+        schedule(due, sched, scope, all[i], rec['x'] and 0 or rec['e'])
+      end
+    end
+  end
+  return true
+end
