@@ -98,6 +98,7 @@ class Beat:
         self._class_defs: dict[tuple[str, str], dict[str, Any]] = {}
         self._seen_classes: dict[str, frozenset[str]] = {}
         self._unpark_from: dict[str, int] = {}  # app -> offset in `parked` still to look at
+        self._idle_since: dict[str, float] = {}  # app -> monotonic time it was first seen idle
 
     # -- leadership -----------------------------------------------------------
 
@@ -367,26 +368,34 @@ class Beat:
         )
         now = int(raw[0])
         self.offset = now / 1000 - time.time()
-        gone = [app.worker_queue(w.decode()) for w in raw[1]]
+        gone_workers = [(raw[1][i].decode(), raw[1][i + 1]) for i in range(0, len(raw[1]), 2)]
+        gone = [app.worker_queue(name) for name, _ in gone_workers]
         gone += [app.class_queue(c.decode()) for c in raw[2]]
         if gone:
-            self._delete_queues(gone)
+            self._delete_queues(gone, [_node(heartbeat) for _, heartbeat in gone_workers])
         return {
             raw[i].decode(): json.loads(raw[i + 2])
             for i in range(3, len(raw), 3)
             if float(raw[i + 1]) > now
         }
 
-    def _delete_queues(self, names: list[str]) -> None:
-        """Delete the queues of forgotten workers and classes with kombu's bindings of them.
-        What was still queued there is recovered by its lease (lapsed dispatch or work)."""
+    def _delete_queues(self, names: list[str], nodes: list[str]) -> None:
+        """Delete the queues of forgotten workers and classes with kombu's bindings of them,
+        and the forgotten workers' entries in Celery's remote-control binding. What was
+        still queued there is recovered by its lease (lapsed dispatch or work)."""
         doomed = [lst for name in names for lst in keys.AppKeys.queue_lists(name)]
         doomed += [keys.AppKeys.binding(name) for name in names]
         self.client.delete(*doomed)
+        pidbox = keys.AppKeys.binding(PIDBOX)
+        replies = {f"{node}.{PIDBOX}" for node in nodes if node}
+        stale = [m for m in self.client.sscan_iter(pidbox) if _queue_of(m) in replies]
+        if stale:
+            self.client.srem(pidbox, *stale)
         log.info("deleted the queues of %d forgotten worker(s) and class(es)", len(names))
 
     def sweep(self) -> None:
-        """Publish again what was claimed but not delivered; requeue runs whose lease lapsed."""
+        """Publish again what was claimed but not delivered; requeue runs whose lease lapsed;
+        forget apps that have had nothing in Redis for `forget_after`."""
         seen = []
         for app in self.apps():
             with self.isolated(app, "sweep"):
@@ -396,8 +405,23 @@ class Beat:
                 for extension in EXTENSIONS:
                     extension.sweep(self, app, live)
                 seen.append((app, live))
+                self._forget_if_idle(app)
         if self.metrics is not None:  # the gauges are refreshed here, not on every dispatch
             self.metrics.refresh(self, seen)
+
+    def _forget_if_idle(self, app: keys.AppKeys) -> None:
+        """Drop an app from `bgqueue:apps` once none of its keys that hold work, workers or
+        grants has existed for `forget_after`: the index of apps stays bounded. A later
+        submit names it again (and its wake-up reaches beat even in between)."""
+        if self.client.exists(*app.holding):
+            self._idle_since.pop(app.app_id, None)
+            return
+        since = self._idle_since.setdefault(app.app_id, time.monotonic())
+        if time.monotonic() - since >= self.settings.forget_after:
+            self.client.srem(keys.APPS, app.app_id)
+            self.known_apps.discard(app.app_id)
+            del self._idle_since[app.app_id]
+            log.info("forgot app %s: nothing of it is left in Redis", app.app_id)
 
     def _sweep_dispatches(self, app: keys.AppKeys) -> None:
         batch = self.settings.claim_batch
@@ -511,6 +535,22 @@ class Beat:
                 record.get("w"),
                 "requeued" if outcome == 1 else "not requeued",
             )
+
+
+PIDBOX = "celery.pidbox"  # Celery's remote-control exchange: a binding per worker node
+
+
+def _node(heartbeat: bytes) -> str:
+    """The Celery node name a forgotten worker's heartbeat gave, or ''."""
+    try:
+        return str(json.loads(heartbeat).get("node", ""))
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _queue_of(binding: bytes) -> str:
+    """The queue of one of kombu's binding entries ("<key>\x06\x16<pattern>\x06\x16<queue>")."""
+    return binding.decode(errors="replace").rpartition(keys.AppKeys.KOMBU_SEP)[2]
 
 
 def _class_def(raw: bytes) -> dict[str, Any]:

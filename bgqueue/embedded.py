@@ -3,6 +3,10 @@
 With no broker configured, every bgqueue process of a user (CLI, beat, workers)
 shares one server, started on first use and left running, so that accepted
 requests survive the process that submitted them (DESIGN.md §5).
+
+Only that user's processes may use it: it listens on loopback and requires a password
+generated at first start and kept in `<data dir>/redis/password` (mode 0600, in a 0700
+directory), so another local user of a shared host can neither read nor forge its state.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -128,7 +133,7 @@ class RedisServer:
         """The redis.conf text; secrets go here rather than on the command line, seen by ps."""
         lines = [
             f"port {self.port}",
-            # Loopback only unless told: the embedded server has no password.
+            # Loopback only unless told (and then only with a password).
             f"bind {' '.join((HOST, *self.extra_bind))}",
             "protected-mode yes",
             f"dir {_quote(str(self.directory))}",
@@ -248,19 +253,45 @@ def _recorded_port(directory: Path) -> int:
         return 0
 
 
-def _serving(directory: Path, port: int) -> bool:
-    """Whether an embedded server for `directory` answers on `port`."""
+def _serving(directory: Path, port: int, password: str) -> bool:
+    """Whether an embedded server for `directory` answers on `port` with this password. A
+    server started before passwords (none set) is given this one at once."""
     if not port:
         return False
-    client = local_client(port, timeout=1)
+    for attempt in (password, None):
+        client = local_client(port, attempt, timeout=1)
+        try:
+            # The port may have been reused by another Redis since the file was written.
+            served = cast(dict[str, str], client.config_get("dir")).get("dir")  # decoded
+            if served is None or Path(served).resolve() != directory.resolve():
+                return False
+            if attempt is None:  # open to every local user: close it
+                client.config_set("requirepass", password)
+            return True
+        except redis.AuthenticationError:  # our AUTH refused: no password set yet
+            continue
+        except redis.ResponseError as exc:  # NOAUTH: a password is set, ours is not it
+            if "NOAUTH" not in str(exc) and "WRONGPASS" not in str(exc):
+                return False
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+    return False
+
+
+def _password(directory: Path) -> str:
+    """The embedded server's password, made on first use: readable by this user only."""
+    path = directory / "password"
     try:
-        # The port may have been reused by another Redis since the file was written.
-        served = cast(dict[str, str], client.config_get("dir")).get("dir")  # decoded by redis-py
-        return served is not None and Path(served).resolve() == directory.resolve()
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    password = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(password + "\n")
+    return password
 
 
 def _port_is_free(port: int) -> bool:
@@ -286,32 +317,40 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def ensure_embedded_redis() -> str:
-    """The URL of the user's embedded Redis, starting the server if none answers."""
+    """The URL (password included) of the user's embedded Redis, starting the server if
+    none answers."""
     directory = _redis_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    port = _recorded_port(directory)
-    if _serving(directory, port):
-        return f"redis://{HOST}:{port}/0"
+    directory.chmod(0o700)  # made by an older version, or by hand: this user's only
     with _locked(directory / "start.lock"):
-        # Another process may have started it while we waited for the lock.
+        password = _password(directory)
         port = _recorded_port(directory)
-        if _serving(directory, port):
-            return f"redis://{HOST}:{port}/0"
+        if _serving(directory, port, password):
+            return _url(port, password)
         # Prefer the recorded port, so URLs held by running workers stay valid.
-        server = RedisServer(directory, port=port if port and _port_is_free(port) else 0)
+        server = RedisServer(
+            directory, port=port if port and _port_is_free(port) else 0, password=password
+        )
         server.start()
         server.detach()
         (directory / "port").write_text(f"{server.port}\n")
         return server.url
 
 
+def _url(port: int, password: str) -> str:
+    return f"redis://:{password}@{HOST}:{port}/0"
+
+
 def stop_embedded_redis() -> bool:
     """Shut down the user's embedded Redis if it runs; True if one was stopped."""
     directory = _redis_dir()
     port = _recorded_port(directory)
-    if not _serving(directory, port):
+    if not directory.is_dir():
         return False
-    client = local_client(port, timeout=5)
+    password = _password(directory)
+    if not _serving(directory, port, password):
+        return False
+    client = local_client(port, password, timeout=5)
     with suppress(redis.RedisError):
         client.shutdown()  # flushes and fsyncs the AOF before exiting
     client.close()

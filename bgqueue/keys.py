@@ -96,6 +96,26 @@ class AppKeys:
         self.deadletter = f"{self.base}:deadletter"
         self.due_all = [self.due(p) for p in range(PROFILE_COUNT)]
 
+    @property
+    def holding(self) -> list[str]:
+        """The keys whose existence means the app has something in Redis: waiting or running
+        requests, workers, continuous tasks, works, transient delays, grants, dead letters.
+        (Scope keys are covered: requests count in `counts`, histories expire by themselves.)"""
+        return [
+            self.counts,
+            self.leases,
+            self.running,
+            self.runleases,
+            self.alive,
+            self.classlive,
+            self.parked,
+            self.continuous,
+            self.works,
+            self.transient_scopes,
+            self.deadletter,
+            *self.efficiency_all,
+        ]
+
     def requests(self, scope: str) -> str:
         """Hash of the scope's not-yet-started requests."""
         return f"{self.base}:req:{scope}"

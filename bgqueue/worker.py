@@ -576,6 +576,7 @@ class Heartbeat:
             "continuous": self.serves_continuous,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "node": self.nodename,  # Celery's, for beat to clean up after the worker
             # For `bgqueue status`, which has no app module to read the app's Limits from.
             "transient_daily_quota": self.app.limits.transient_daily_quota,
         }

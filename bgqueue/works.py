@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import weakref
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
@@ -473,8 +474,39 @@ def _claim_and_publish(beat: Any, app: AppKeys, picks: dict[str, str]) -> None:
             )
 
 
+_pruned: weakref.WeakKeyDictionary[Any, dict[str, float]] = weakref.WeakKeyDictionary()
+
+
+def prune_last_runs(beat: Any, app: AppKeys) -> None:
+    """Forget the last runs of works gone for longer than the history retention (a one-shot
+    work's last run stays answerable by is_last_work_time_out that long). At most once per
+    `forget_after` per app: it reads the whole hash."""
+    seen = _pruned.setdefault(beat, {})
+    if time.monotonic() - seen.get(app.app_id, -math.inf) < beat.settings.forget_after:
+        return
+    seen[app.app_id] = time.monotonic()
+    last = beat.client.hgetall(app.work_last)
+    if not last:
+        return
+    ids = list(last)
+    exists = beat.client.hmget(app.works, ids)
+    oldest = beat.server_ms() - beat.settings.history_retention * 1000
+    stale = []
+    for work_id, raw, present in zip(ids, last.values(), exists, strict=True):
+        try:
+            ended = float(json.loads(raw).get("fa") or 0)
+        except (ValueError, AttributeError):
+            ended = 0.0  # not bgqueue's: nothing to keep it for
+        if present is None and ended < oldest:
+            stale.append(work_id)
+    if stale:
+        beat.client.hdel(app.work_last, *stale)
+
+
 def sweep(beat: Any, app: AppKeys, live: dict[str, dict[str, Any]]) -> None:
-    """Recover works whose lease lapsed: not started in time, or their worker died."""
+    """Recover works whose lease lapsed: not started in time, or their worker died; forget
+    the last runs of works long gone."""
+    prune_last_runs(beat, app)
     _clock(beat).observe(app.app_id, live, beat.server_ms())
     lapsed = beat.client.zrangebyscore(app.work_leases, "-inf", beat.server_ms())
     if not lapsed:

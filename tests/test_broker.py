@@ -6,6 +6,7 @@ import asyncio
 import re
 import shutil
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -83,9 +84,45 @@ def test_environment_wins_over_embedded(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_no_argument_and_no_environment_means_embedded() -> None:
     url = resolve_broker_url(None)
-    assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", url)
+    assert re.fullmatch(r"redis://:[\w-]{32}@127\.0\.0\.1:\d+/0", url)
     assert url == ensure_embedded_redis()
     assert connect(url).ping()
+
+
+def test_embedded_server_admits_only_its_users_processes(fresh_home: Path) -> None:
+    """The embedded server requires a password generated at its first start, kept in a file
+    only this user can read in a directory only this user can enter: another local user
+    can neither read nor write its state. (Before, anyone on the host could connect.)"""
+    url = ensure_embedded_redis()
+    directory = fresh_home / "redis"
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    password_file = directory / "password"
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    assert password_file.read_text().strip() in url
+    port = int(url.rpartition(":")[2].split("/")[0])
+    stranger = redis.Redis(host=HOST, port=port, socket_timeout=2)
+    with pytest.raises(redis.AuthenticationError):
+        stranger.get("anything")
+    stranger.close()
+    assert "password" not in redact(url) and "***" in redact(url)
+
+
+def test_an_open_embedded_server_from_before_passwords_is_closed(fresh_home: Path) -> None:
+    """A server an older version started without a password (found on the recorded port)
+    is given the password at once and reused, data and all."""
+    directory = fresh_home / "redis"
+    server = RedisServer(directory)
+    server.start()
+    try:
+        (directory / "port").write_text(f"{server.port}\n")
+        server.client().set("accepted", "1")
+        url = ensure_embedded_redis()
+        assert f":{server.port}/" in url and connect(url).get("accepted") == b"1"
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host=HOST, port=server.port, socket_timeout=2).get("accepted")
+    finally:
+        stop_embedded_redis()
+        server.kill()
 
 
 # --- the embedded server ---------------------------------------------------------------

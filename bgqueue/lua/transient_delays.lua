@@ -29,7 +29,8 @@
 -- KEYS[5]  transient:seq             STRING request id counter (per app)
 -- KEYS[6]  transient:scopes          ZSET scope -> ms of its latest grant: the index of scopes
 --                                    with delays or charges (`bgqueue status` reads it);
---                                    a grant adds its scope and drops entries over 2 days old
+--                                    a grant adds its scope and drops entries over 2 days old;
+--                                    the index goes 2 days after the last grant
 -- The scope's three keys expire a day after their last write: a scope that stops using
 -- delays leaves nothing behind.
 -- ARGV[1]  operation, then its arguments:
@@ -171,6 +172,7 @@ if op == 'grant' then
   -- (a delay lasts at most the max delay): two days keeps every scope that has any.
   redis.call('ZADD', KEYS[6], now, ARGV[8])
   redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - 2 * DAY)
+  redis.call('PEXPIRE', KEYS[6], 2 * DAY)
   return {'ok', id, actual}
 end
 

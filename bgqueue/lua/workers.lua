@@ -6,9 +6,10 @@
 -- KEYS[4]  classlive  ZSET class id -> ms its last worker's heartbeat lapses
 -- KEYS[5]  deadletter (a heartbeat that is not JSON is moved there and forgotten)
 -- ARGV[1]  forget what lapsed this many ms ago; 0 forgets nothing
--- Returns {server ms, forgotten worker names, forgotten class ids, then name, lapse ms,
--- heartbeat JSON for each worker still known}. Beat deletes the forgotten workers' own
--- queues and the forgotten classes' queues (their keys are not the app's).
+-- Returns {server ms, forgotten workers (name, heartbeat JSON, ...), forgotten class ids,
+-- then name, lapse ms, heartbeat JSON for each worker still known}. Beat deletes the
+-- forgotten workers' own queues and the forgotten classes' queues (their keys are not the
+-- app's).
 
 -- include: deadletter
 
@@ -21,9 +22,10 @@ local gone_workers, gone_classes = {}, {}
 if tonumber(ARGV[1]) > 0 then
   local before = now - tonumber(ARGV[1])
   for _, name in ipairs(redis.call('ZRANGEBYSCORE', ALIVE, '-inf', before)) do
+    gone_workers[#gone_workers + 1] = name
+    gone_workers[#gone_workers + 1] = redis.call('HGET', WORKERS, name) or '{}'
     redis.call('HDEL', WORKERS, name)
     redis.call('ZREM', ALIVE, name)
-    gone_workers[#gone_workers + 1] = name
   end
   for _, class in ipairs(redis.call('ZRANGEBYSCORE', CLASSLIVE, '-inf', before)) do
     redis.call('HDEL', CLASSES, class)

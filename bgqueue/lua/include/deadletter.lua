@@ -2,7 +2,8 @@
 -- `-- include: deadletter`). See bgqueue/deadletter.py.
 --
 -- dead_letter(dl, source, why, raw): push one entry, newest first, onto the app's
--- dead-letter list `dl`, and cap the list in the same step. An entry is JSON: t (ms,
+-- dead-letter list `dl`, and cap the list in the same step; the list goes a week after
+-- its newest entry. An entry is JSON: t (ms,
 -- server clock), src (where it was met: a key or a queue), why (the reason), raw (the
 -- data met, its first DEAD_LETTER_RAW bytes).
 -- dead_letter_key(dl, key, wanted, why): if `key` holds another type than `wanted`, keep a
@@ -15,6 +16,7 @@
 -- one that fails half-way keeps what it wrote.
 
 local DEAD_LETTER_CAP, DEAD_LETTER_RAW = 1000, 4096
+local DEAD_LETTER_TTL = 7 * 86400000  -- ms after its newest entry the list goes
 
 local function dead_letter(dl, source, why, raw)
   local clock = redis.call('TIME')
@@ -22,6 +24,7 @@ local function dead_letter(dl, source, why, raw)
   redis.call('LPUSH', dl, cjson.encode({
     t = ms, src = source, why = why, raw = string.sub(tostring(raw), 1, DEAD_LETTER_RAW)}))
   redis.call('LTRIM', dl, 0, DEAD_LETTER_CAP - 1)
+  redis.call('PEXPIRE', dl, DEAD_LETTER_TTL)
 end
 
 local function dead_letter_key(dl, key, wanted, why)
