@@ -384,13 +384,13 @@ class Beat:
         and the forgotten workers' entries in Celery's remote-control binding. What was
         still queued there is recovered by its lease (lapsed dispatch or work)."""
         doomed = [lst for name in names for lst in keys.AppKeys.queue_lists(name)]
-        doomed += [keys.AppKeys.binding(name) for name in names]
+        doomed += [binding for name in names for binding in keys.AppKeys.bindings(name)]
         self.client.delete(*doomed)
-        pidbox = keys.AppKeys.binding(PIDBOX)
         replies = {f"{node}.{PIDBOX}" for node in nodes if node}
-        stale = [m for m in self.client.sscan_iter(pidbox) if _queue_of(m) in replies]
-        if stale:
-            self.client.srem(pidbox, *stale)
+        for pidbox in keys.AppKeys.bindings(PIDBOX):
+            stale = [m for m in self.client.sscan_iter(pidbox) if _queue_of(m) in replies]
+            if stale:
+                self.client.srem(pidbox, *stale)
         log.info("deleted the queues of %d forgotten worker(s) and class(es)", len(names))
 
     def sweep(self) -> None:

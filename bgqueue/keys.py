@@ -201,9 +201,10 @@ class AppKeys:
         return [name] + [f"{name}{cls.KOMBU_SEP}{step}" for step in steps]
 
     @staticmethod
-    def binding(name: str) -> str:
-        """kombu's binding set of a queue Celery created (its exchange has the queue's name)."""
-        return f"_kombu.binding.{name}"
+    def bindings(name: str) -> list[str]:
+        """kombu's binding sets of an exchange (kombu.transport.redis keyprefix_queue and
+        keyprefix_binding_permanent); Celery gives each queue an exchange of its name."""
+        return [f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}"]
 
     # -- continuous tasks (bgqueue/continuous.py) --
     # ct          HASH ability → JSON record of its continuous task: modes, payload (JSON
