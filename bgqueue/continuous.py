@@ -380,7 +380,8 @@ class CancelListener:
                 pubsub = None
                 stopping.wait(1.0)
                 continue
-            if message is not None and message["type"] == "message":
+            # A listener stopped meanwhile delivers nothing: a newer one may be listening.
+            if message is not None and message["type"] == "message" and not stopping.is_set():
                 self._deliver(message["data"])
         _close(pubsub)
 
