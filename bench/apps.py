@@ -87,10 +87,14 @@ def noop(task: bg.ProcessingTask) -> None:
     task.set_task_completed(success=True)
 
 
-# -- Celery, with the very settings bgqueue's own workers use ---------------------------
+# -- Celery, with bgqueue's settings but Celery's own recovery ---------------------------
 
 celery_app = Celery("bench", set_as_current=False)
 celery_app.conf.update(celery_config(URL))
+# Bare Celery keeps a run safe from a worker's death with kombu's ack emulation (the unacked
+# hash, written on every delivery and ack, restored after the visibility timeout); bgqueue
+# turns it off because its own leases recover such runs. The baseline keeps Celery's.
+celery_app.conf.broker_transport_options = {"visibility_timeout": 3600}
 celery_app.conf.task_default_queue = CELERY_QUEUE
 
 

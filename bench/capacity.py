@@ -24,12 +24,15 @@ take turns: a burst of requests all due at one moment is submitted on top of the
 pending ones, and its queue is polled; the rate is the queue's growth from the first
 message to the last. The bursts are the same for both, so the ratio compares like with
 like (only the pending set behind the burst differs), and taking turns spreads any change
-in the machine's load over both.
+in the machine's load over both. The same bursts measure the rate with a fleet of 10 live
+workers and of 1,000 (heartbeats of one build and conditions, as kiosks send them, beside
+the one real worker): beat must not pay for the fleet's size on every wake-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -212,8 +215,15 @@ def dramatiq_bytes(url: str, count: int) -> float:
 # -- dispatch ------------------------------------------------------------------------
 
 
+def class_lists(app: bg.BackgroundApp, client: redis.Redis) -> list[str]:
+    """Every list of the queues of the app's live worker classes (a queue keeps one list
+    per priority step): where beat publishes the app's requests."""
+    classes = [c.decode() for c in client.zrange(app.keys.classlive, 0, -1)]
+    return [name for c in classes for name in app.keys.queue_lists(app.keys.class_queue(c))]
+
+
 def queued(client: redis.Redis, lists: list[str]) -> int:
-    """Messages waiting on a profile's Celery queue, over all its priority lists."""
+    """Messages waiting on the given lists."""
     with client.pipeline(transaction=False) as pipe:
         for name in lists:
             pipe.llen(name)
@@ -222,10 +232,10 @@ def queued(client: redis.Redis, lists: list[str]) -> int:
 
 def burst_rate(app: bg.BackgroundApp, client: redis.Redis, burst: int, prefix: str) -> float:
     """Submit `burst` requests all due a moment after the last is submitted; return how
-    many per second reached the (unconsumed) queue, from the first message to the last."""
-    lists = app.keys.queue_lists(0)
+    many per second reached the (unconsumed) queues, from the first message to the last."""
+    lists = class_lists(app, client)
     before = queued(client, lists)
-    due = datetime.now(UTC) + timedelta(seconds=1 + burst / 2000)
+    due = datetime.now(UTC) + timedelta(seconds=1.5 + burst / 2000)
     names = capacity_app.identifiers(app.app_id, "burst")
     users = range(burst // capacity_app.PER_SCOPE)
     submit_users(app, users, names, due, prefix, spread=False)
@@ -241,6 +251,20 @@ def burst_rate(app: bg.BackgroundApp, client: redis.Redis, burst: int, prefix: s
     return common.rate(before + burst - first, last_at - first_at)
 
 
+def paused_workers(url: str, apps: list[bg.BackgroundApp], names: list[str]) -> list[Any]:
+    """One real worker per app, started, seen live, then paused (SIGSTOP): beat dispatches
+    to it, nothing consumes."""
+    env = common.service_env(url, **PAUSED_ENV)
+    workers = []
+    for app, name in zip(apps, names, strict=True):
+        argv = ["worker", "--app", f"capacity_app:{name}", "--name", name, "--concurrency", "1"]
+        workers.append(common.start_process(common.python_argv("-m", "bgqueue", *argv), env))
+        common.wait_until(app.live_workers, 60, f"a live worker of {app.app_id}")
+    for worker in workers:
+        os.killpg(worker.pid, signal.SIGSTOP)  # live to beat, but consumes nothing
+    return workers
+
+
 def dispatch_rates(url: str, burst: int, repeats: int) -> dict[str, float]:
     """Requests per second beat claims and publishes, for bursts of `burst` requests all
     falling due at one moment, by app: the median of `repeats` bursts each.
@@ -253,14 +277,8 @@ def dispatch_rates(url: str, burst: int, repeats: int) -> dict[str, float]:
     env = common.service_env(url, **PAUSED_ENV)
     rates: dict[str, list[float]] = {app.app_id: [] for app in apps}
     with common.processes() as procs:
-        workers = []
-        for app, name in zip(apps, ("small", "large"), strict=True):
-            argv = ["worker", "--app", f"capacity_app:{name}", "--name", name, "--concurrency", "1"]
-            workers.append(common.start_process(common.python_argv("-m", "bgqueue", *argv), env))
-            common.wait_until(app.live_workers, 60, f"a live worker of {app.app_id}")
+        workers = paused_workers(url, apps, ["small", "large"])
         procs.extend(workers)
-        for worker in workers:
-            os.killpg(worker.pid, signal.SIGSTOP)  # live to beat, but consumes nothing
         procs.append(common.start_process(common.python_argv("-m", "bgqueue", "beat"), env, "beat"))
         for repeat in range(repeats):
             for app in apps:
@@ -268,6 +286,42 @@ def dispatch_rates(url: str, burst: int, repeats: int) -> dict[str, float]:
         for worker in workers:  # their queues are full of bursts: do not resume them
             os.killpg(worker.pid, signal.SIGKILL)
     return {app_id: common.percentile(values, 50) for app_id, values in rates.items()}
+
+
+def set_fleet(app: bg.BackgroundApp, client: redis.Redis, size: int) -> None:
+    """Make the app's fleet `size` live workers: its one real (paused) worker and heartbeats
+    of size - 1 more, as kiosks of the same build and conditions would send (heartbeat.lua)."""
+    heartbeat = json.loads(client.hget(app.keys.workers, "small") or b"{}")
+    class_json = client.hget(app.keys.classes, heartbeat["class"])
+    k = app.keys
+    script_keys = [k.workers, k.alive, k.classes, k.classlive]
+    fleet = {f"kiosk-{i}" for i in range(size - 1)}
+    for other in [w.decode() for w in client.hkeys(k.workers)]:
+        if other.startswith("kiosk-") and other not in fleet:
+            app.call("heartbeat", script_keys, [other, "{}", 0, other, heartbeat["class"], "{}"])
+    for other in sorted(fleet):
+        beat = json.dumps({**heartbeat, "token": other})
+        args = [other, beat, 600_000, other, heartbeat["class"], class_json]
+        app.call("heartbeat", script_keys, args)
+
+
+def fleet_rates(url: str, burst: int, repeats: int) -> dict[int, float]:
+    """Dispatch rate of one app whose fleet is 10 live workers, then 1,000, in turns: the
+    median of `repeats` bursts each (beat's wake-up must not cost O(fleet))."""
+    client = redis.Redis.from_url(url)
+    app = producer(url, capacity_app.SMALL_ID)
+    rates: dict[int, list[float]] = {10: [], 1000: []}
+    with common.processes() as procs:
+        procs.extend(paused_workers(url, [app], ["small"]))
+        env = common.service_env(url, **PAUSED_ENV)
+        procs.append(common.start_process(common.python_argv("-m", "bgqueue", "beat"), env, "beat"))
+        for repeat in range(repeats):
+            for size in rates:
+                set_fleet(app, client, size)
+                rates[size].append(burst_rate(app, client, burst, f"fleet{repeat}-{size}-"))
+        for proc in procs[:1]:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return {size: common.percentile(values, 50) for size, values in rates.items()}
 
 
 # -- the section ---------------------------------------------------------------------
@@ -312,6 +366,14 @@ def run(url: str, quick: bool) -> dict[str, float]:
         f"with {large:,}: {figures['dispatch_per_s_1m']:,.0f}/s"
     )
     figures["pending_large_n"] = float(large)
+
+    client.flushall()
+    print(f"   dispatch with a fleet of 10 and of 1,000 live workers: {repeats} bursts each")
+    fleet = fleet_rates(url, burst, repeats)
+    figures["dispatch_per_s_10_workers"] = fleet[10]
+    figures["dispatch_per_s_1000_workers"] = fleet[1000]
+    figures["dispatch_ratio_1000_workers_vs_10"] = fleet[1000] / fleet[10]
+    print(f"   dispatch with 10 live workers: {fleet[10]:,.0f}/s, with 1,000: {fleet[1000]:,.0f}/s")
 
     client.flushall()
     figures["celery_bytes_per_queued"] = celery_bytes(url, peers)

@@ -1,7 +1,8 @@
 """(a) and (b): requests accepted per second by the producer, nothing consuming.
 
 (a) One call per request, one request at a time, for each system's own single-message call
-on the same no-op task and the same Redis: bgqueue `submit`, Celery `apply_async` with
+on the same no-op task and the same Redis: bgqueue `submit`, a bare EVALSHA of a script
+that returns at once (the round trip a submit cannot go below), Celery `apply_async` with
 Celery's defaults (JSON; the ratio's baseline), Celery `apply_async` with the settings
 bgqueue itself uses (bgqueue/celery_config.py, which also publishes a `task-sent` event per
 message, for Flower), Dramatiq `Actor.send` (default middleware) and RQ `Queue.enqueue`. Each
@@ -37,11 +38,13 @@ from dramatiq.brokers.redis import RedisBroker
 from rq import Queue
 
 import bgqueue as bg
+from bgqueue.broker import connect
 from bgqueue.celery_config import celery_config
 
-SYSTEMS = ("bgqueue", "celery", "celery_events", "dramatiq", "rq")
+SYSTEMS = ("bgqueue", "evalsha", "celery", "celery_events", "dramatiq", "rq")
 NAMES = {  # figure names of (a), per system
     "bgqueue": "submit_per_s",
+    "evalsha": "evalsha_roundtrip_per_s",
     "celery": "celery_apply_async_per_s",
     "celery_events": "celery_events_apply_async_per_s",
     "dramatiq": "dramatiq_send_per_s",
@@ -77,6 +80,16 @@ def bgqueue_sender(url: str, n: int) -> Sender:
         return time.perf_counter() - began
 
     return send
+
+
+def evalsha_sender(url: str, n: int) -> Sender:
+    """n EVALSHAs of a script that returns at once, on the kind of connection bgqueue's
+    producer uses (bgqueue.broker.connect): the bare round trip a submit is measured
+    against, since a submit is one such call."""
+    client = connect(url)
+    sha = client.script_load("return 1")
+    client.evalsha(sha, 0)
+    return _timed(lambda: client.evalsha(sha, 0), n)
 
 
 def celery_sender(url: str, n: int, events: bool = False) -> Sender:
@@ -176,6 +189,7 @@ def run(url: str, quick: bool) -> dict[str, float]:
     async_n, async_rounds = (2000, 3) if quick else (5000, 8)
     makers = {
         "bgqueue": bgqueue_sender,
+        "evalsha": evalsha_sender,
         "celery": celery_sender,
         "celery_events": lambda url, n: celery_sender(url, n, events=True),
         "dramatiq": dramatiq_sender,
@@ -194,6 +208,10 @@ def run(url: str, quick: bool) -> dict[str, float]:
         rounds_text = ", ".join(f"{r:,.0f}" for r in rates[system])
         print(f"  {system:13} {per_s:9,.0f}/s  x{per_s / celery:5.2f} Celery   ({rounds_text})")
     figures["submit_ratio_vs_celery"] = figures["submit_per_s"] / celery
+    figures["submit_ratio_vs_roundtrip"] = (
+        figures["submit_per_s"] / figures["evalsha_roundtrip_per_s"]
+    )
+    print(f"  submit ÷ a bare EVALSHA round trip: {figures['submit_ratio_vs_roundtrip']:.2f}")
     figures["dramatiq_send_ratio_vs_celery"] = figures["dramatiq_send_per_s"] / celery
     figures["rq_enqueue_ratio_vs_celery"] = figures["rq_enqueue_per_s"] / celery
     print(f"(b) submit_many: {many:,} requests in batches of {batch:,}")

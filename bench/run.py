@@ -38,12 +38,16 @@ import common  # noqa: E402
 SECTIONS = ("producer", "drain", "lateness", "capacity")
 # The figures DESIGN.md §6 sets targets for: printed last, always, "nan" if a section was skipped.
 REQUIRED = (
-    "submit_ratio_vs_celery",
+    "submit_ratio_vs_roundtrip",
     "submit_many_per_s",
     "drain_ratio_vs_celery",
+    "drain_redis_cpu_ratio_vs_celery",
+    "latency_p50_ratio_vs_celery",
+    "lateness_p99_ms_100",
     "lateness_p99_ms",
     "bytes_per_pending",
     "dispatch_ratio_1m_vs_1k",
+    "dispatch_ratio_1000_workers_vs_10",
 )
 PACKAGES = ("bgqueue", "celery", "kombu", "redis", "hiredis", "dramatiq", "rq")
 
