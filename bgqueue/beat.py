@@ -30,11 +30,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from celery import Celery
 
-from bgqueue import continuous, deadletter, efficiency, keys, logs, works
+from bgqueue import continuous, deadletter, efficiency, keys, logs, messages, works
 from bgqueue.broker import connect
-from bgqueue.celery_config import celery_config
 from bgqueue.metrics import BeatMetrics
 from bgqueue.requests import PROFILE_COUNT, requirement_names
 from bgqueue.scripts import Scripts
@@ -87,8 +85,6 @@ class Beat:
         # Any: redis-py annotates sync results as `Awaitable | Any`, which mypy cannot use.
         self.client: Any = connect(broker_url)
         self.scripts = Scripts(self.client)
-        self.celery = Celery("bgqueue-beat", set_as_current=False)
-        self.celery.conf.update(celery_config(broker_url))
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stopping = threading.Event()
         self.offset = 0.0  # server clock minus local clock, seconds
@@ -310,25 +306,19 @@ class Beat:
         if not claimed:
             return
         priority = efficiency.lane(self.client, app)
-        # One pipelined round trip for the batch (kombu's publish batch), not one per message.
-        with self.celery.producer_or_acquire() as producer, producer.batch():
-            for item in claimed:
-                eta = None
-                if item.date > now + EARLY_MS:
-                    eta = datetime.fromtimestamp(item.date / 1000, UTC)
-                kwargs = {
-                    "scope": item.scope,
-                    "gen": item.gen,
-                    "requires": requirement_names(item.profile),
-                }
-                self.celery.send_task(
-                    item.identifier,
-                    kwargs=kwargs,
-                    queue=app.class_queue(item.class_id),
-                    priority=priority,
-                    eta=eta,
-                    producer=producer,
-                )
+        sent = []
+        for item in claimed:
+            eta = None
+            if item.date > now + EARLY_MS:
+                eta = datetime.fromtimestamp(item.date / 1000, UTC)
+            kwargs = {
+                "scope": item.scope,
+                "gen": item.gen,
+                "requires": requirement_names(item.profile),
+            }
+            queue = app.class_queue(item.class_id)
+            sent.append(messages.task_message(queue, item.identifier, kwargs, priority, eta))
+        messages.push(self.client, sent)  # one pipelined round trip for the batch
         self.dispatched += len(claimed)
 
     def _unpark(self, app: keys.AppKeys, view: View) -> None:

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
+from bgqueue import messages
 from bgqueue.broker import CONNECT_TIMEOUT, connect
 from bgqueue.errors import ContinuousTaskVerificationFailed, NotSystemApp, ParameterError
 from bgqueue.modes import SYSTEM_ONLY_MODES, BackgroundMode
@@ -475,16 +476,16 @@ def dispatch(beat: Beat, app: AppKeys) -> float:
 
 
 def _publish(beat: Beat, app: AppKeys, claimed: list[tuple[str, int, str]]) -> None:
-    if not claimed:
-        return
-    with beat.celery.producer_or_acquire() as producer:
-        for ability, gen, worker in claimed:
-            beat.celery.send_task(
-                CELERY_TASK,
-                kwargs={"ability": ability, "gen": gen},
-                queue=app.worker_queue(worker),
-                producer=producer,
-            )
+    if claimed:
+        messages.push(
+            beat.client,
+            [
+                messages.task_message(
+                    app.worker_queue(worker), CELERY_TASK, {"ability": ability, "gen": gen}
+                )
+                for ability, gen, worker in claimed
+            ],
+        )
 
 
 def sweep(beat: Beat, app: AppKeys, live: dict[str, dict[str, Any]]) -> None:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from bgqueue import efficiency
+from bgqueue import efficiency, messages
 from bgqueue.conditions import matches_work
 from bgqueue.errors import ParameterError, StartWorkFailed, WorkInfoCheckFailed
 from bgqueue.requests import MAX_PAYLOAD_BYTES, check_name
@@ -463,15 +463,12 @@ def _claim_and_publish(beat: Any, app: AppKeys, picks: dict[str, str]) -> None:
     claimed = beat.scripts.work_claim(keys=app.work_all, args=args)
     if not claimed:
         return
-    with beat.celery.producer_or_acquire() as producer:
-        for i in range(0, len(claimed), 2):
-            work_id, gen = claimed[i].decode(), int(claimed[i + 1])
-            beat.celery.send_task(
-                WORK_TASK,
-                kwargs={"work_id": int(work_id), "gen": gen},
-                queue=app.worker_queue(picks[work_id]),
-                producer=producer,
-            )
+    sent = []
+    for i in range(0, len(claimed), 2):
+        work_id, gen = claimed[i].decode(), int(claimed[i + 1])
+        kwargs = {"work_id": int(work_id), "gen": gen}
+        sent.append(messages.task_message(app.worker_queue(picks[work_id]), WORK_TASK, kwargs))
+    messages.push(beat.client, sent)
 
 
 _pruned: weakref.WeakKeyDictionary[Any, dict[str, float]] = weakref.WeakKeyDictionary()
