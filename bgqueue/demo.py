@@ -158,6 +158,8 @@ class Demo:
             "flower", "flower", "--port", str(self.flower_port), env={"FLOWER_BASIC_AUTH": login}
         )
         say(f"Flower: http://127.0.0.1:{self.flower_port}  login {login}")
+        pending = f"http://127.0.0.1:{self.flower_port}/bgqueue/pending"
+        say(f"pending requests: {pending} (Flower's Pending tab, same login)")
         say(f"process logs: {self.logs}")
         deadline = time.monotonic() + 30
         while len(self.app.live_workers()) < len(WORKERS) and time.monotonic() < deadline:

@@ -59,6 +59,8 @@ EXPECTED = {
     news.EXPORT: ("FAILURE", "TaskExpired('did not complete by its deadline (scope default"),
     news.REFRESH: ("SUCCESS", "{'outcome': 'completed', 'success': True, 'scope': 'default'}"),
 }
+# The requirements submit_news gives each request in the default scope (none: []).
+REQUIRES = {news.CLEANUP: ["network", "external_power"]}
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -108,16 +110,21 @@ def runs_seen(port: int) -> list[dict[str, Any]]:
 
 
 def submit_news(app: bg.BackgroundApp) -> None:
-    """One request per outcome in the default scope, and a refresh in scope kiosk-7."""
+    """One request per outcome in the default scope (the cleanup needing network and
+    power), and a refresh needing network in scope kiosk-7."""
     app.scheduler.submit_many(
         [
-            bg.ProcessingTaskRequest(news.CLEANUP),
+            bg.ProcessingTaskRequest(
+                news.CLEANUP, requires_network_connectivity=True, requires_external_power=True
+            ),
             bg.ProcessingTaskRequest(news.FEEDS),
             bg.ProcessingTaskRequest(news.EXPORT),
             bg.AppRefreshTaskRequest(news.REFRESH),
         ]
     )
-    app.scheduler_for("kiosk-7").submit(bg.AppRefreshTaskRequest(news.REFRESH))
+    app.scheduler_for("kiosk-7").submit(
+        bg.AppRefreshTaskRequest(news.REFRESH, requires_network_connectivity=True)
+    )
 
 
 def all_ended(port: int, count: int) -> list[dict[str, Any]] | None:
@@ -176,7 +183,8 @@ def watched(cluster: Cluster, news_app: bg.BackgroundApp) -> Iterator[int]:
     Flower's port once Flower has heard from the worker."""
     port = start_flower(cluster, "--basic-auth", LOGIN)
     cluster.beat()
-    cluster.worker("w1", app=NEWS_APP, app_id=news.APP_ID)
+    conditions = ["network=ethernet", "external_power=true"]  # whatever this machine has
+    cluster.worker("w1", conditions, app=NEWS_APP, app_id=news.APP_ID)
 
     def worker_seen() -> bool:
         status, body = http(port, "/api/workers?status=true", LOGIN)
@@ -258,8 +266,11 @@ def test_each_identifier_shows_with_its_outcome(
         assert (task["exception"] if state == "FAILURE" else task["result"]).startswith(shown)
         assert task["worker"].startswith("w1@"), task
         assert task["kwargs"].startswith("{'scope': 'default', 'gen': "), task
+        # Requirements by name, not a profile number.
+        assert task["kwargs"].endswith(f"'requires': {REQUIRES.get(name, [])}}}"), task
     kiosk = next(t for t in by_name[news.REFRESH] if "kiosk-7" in t["kwargs"])
     assert kiosk["state"] == "SUCCESS" and "'scope': 'kiosk-7'" in kiosk["result"]
+    assert kiosk["kwargs"].endswith("'requires': ['network']}"), kiosk
     assert kiosk["runtime"] >= 0.2  # the handler sleeps 0.2 s
     (expired,) = by_name[news.EXPORT]
     took = float(re.findall(r", ([\d.]+) s\)", expired["exception"])[0])
@@ -320,7 +331,9 @@ def test_tasks_page_in_headless_chromium(
     for name, (state, shown) in EXPECTED.items():
         row = next(r for r in rows if f" {name} " in r and "'scope': 'default'" in r)
         assert f" {state} " in row and shown in row, row
-    assert any(news.REFRESH in r and "'scope': 'kiosk-7'" in r for r in rows), rows
+        assert f"'requires': {REQUIRES.get(name, [])}}}" in row, row
+    kiosk = "'scope': 'kiosk-7', 'gen': "
+    assert any(news.REFRESH in r and kiosk in r and "'requires': ['network']}" in r for r in rows)
 
     # Refused (401): Chromium renders nothing of the page, let alone a task.
     anonymous = chromium(tmp_path, f"http://127.0.0.1:{watched}/tasks", "--dump-dom")
