@@ -17,9 +17,10 @@ and the body being terminated; it ends with the recorded outcome as attributes.
 
 Off costs nothing: bgqueue never imports OpenTelemetry itself. Tracing is on once the
 process has imported `opentelemetry.trace` and set a tracer provider, or
-`use_tracer_provider` named one; until then a submit batch and a run pay one look-up in
-`sys.modules`. The call sites are `Scheduler._submit_call`, `runtime._execute`, the `Run`
-transitions that add events and `RunDelays.request`/`cancel`.
+`use_tracer_provider` named one; until then a submit batch and a run pay a look-up in
+`sys.modules` (and, once OpenTelemetry is imported, one of its global provider). The call
+sites are `Scheduler._submit_call`, `runtime._execute`, the `Run` transitions that add
+events and `RunDelays.request`/`cancel`.
 """
 
 from __future__ import annotations
