@@ -177,7 +177,8 @@ class BGTaskRequest:
 
         Compact on purpose, since a million may wait: fields at their defaults are left out
         (`a`, attempts so far, 0; `pl`, the payload, null) and readers fill them in. Under
-        64 bytes, a scope's small hash stays in Redis's compact listpack encoding.
+        64 bytes, a scope's small hash stays in Redis's compact listpack encoding. While
+        tracing is on, bgqueue.tracing appends `tp`, the submit span's traceparent.
         """
         self._check_fields()
         payload = encode_payload(self.payload)

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from bgqueue import conditions, efficiency, logs, metrics
+from bgqueue import conditions, efficiency, logs, metrics, tracing
 from bgqueue.body import INTERRUPT_GRACE, Body, TaskTerminated
 from bgqueue.requests import Kind, State
 from bgqueue.tasks import TASK_CLASSES, BGTask, ContinuedProcessingTask
@@ -124,7 +124,9 @@ def _execute(
         )
     else:
         task = TASK_CLASSES[kind](*task_args)
-    return Run(app, task, kind, gen, profile).execute(app.handlers[identifier])
+    run = Run(app, task, kind, gen, profile)
+    with tracing.running(run, record):  # the run's span, while tracing is on
+        return run.execute(app.handlers[identifier])
 
 
 def release(app: BackgroundApp, identifier: str, scope: str, gen: int, profile: int) -> bool:
@@ -198,6 +200,8 @@ LIVE = (Phase.RUNNING, Phase.WARNED)  # no outcome recorded yet
 class Run:
     """One run of a handler: the body, its watchdog, and the phase they share."""
 
+    span: Any = None  # its OpenTelemetry span while tracing is on (bgqueue/tracing.py)
+
     def __init__(
         self, app: BackgroundApp, task: BGTask, kind: Kind, gen: int, profile: int
     ) -> None:
@@ -268,6 +272,7 @@ class Run:
         if self.body.returned.is_set() or self.body.interrupt_sent:
             return
         log.warning("terminating %s (run %s): %s", self.task.identifier, self.gen, why)
+        tracing.event(self.span, "terminated", {tracing.REASON: why})
         self._stopped_at = time.monotonic()
         self.body.interrupt()
 
@@ -358,6 +363,8 @@ class Run:
 
     def _warn(self) -> None:
         handler = self.task.expiration_handler
+        forced = self._forced < math.inf  # simulated, or the requirements stopped holding
+        tracing.event(self.span, "expiration", tracing.expiration(handler is not None, forced))
         if handler is None:
             if self._end(State.COMPLETED, False, "no expiration handler set; ended unsuccessful"):
                 self._stop_body("no expiration handler set")

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from bgqueue import keys
+from bgqueue import keys, tracing
 from bgqueue.errors import (
     ImmediateRunIneligible,
     NotPermitted,
@@ -73,8 +73,11 @@ class Scheduler:
         app_keys = self.app.keys
         limits = self.app.limits
         requests_args: list[Any] = []
+        traced = tracing.submitting(self.app.app_id, self.scope)  # None while tracing is off
         for request in batch:
             record, profile, begin = self._check(request)
+            if traced is not None:
+                record = traced(request, record)
             requests_args += [request.identifier, record, profile, begin, request.kind]
         if not batch:
             return None
