@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -27,7 +28,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -77,6 +78,18 @@ class View:
     routes: dict[int, dict[str, list[str]]] = field(default_factory=dict)
 
 
+class Round(NamedTuple):
+    """What one dispatch pass over an app reads (round.lua)."""
+
+    now: int  # Redis's clock, ms
+    live: frozenset[str]  # live worker classes
+    lane: int  # the Celery priority its requests go out with (efficiency.lane)
+    heads: dict[int, tuple[list[str], list[Any]]]  # profile -> (scopes due, [scope, date])
+
+
+ALL_PROFILES = list(range(PROFILE_COUNT))
+
+
 class Beat:
     """The dispatcher process. `run()` blocks until `stop()`."""
 
@@ -91,8 +104,10 @@ class Beat:
         self.dispatched = 0
         self.metrics: BeatMetrics | None = None  # set to serve metrics (metrics.serve_beat)
         self.known_apps: set[str] = set()  # learnt from wake-ups too
+        self._apps_read_at = -math.inf
         self._class_defs: dict[tuple[str, str], dict[str, Any]] = {}
         self._seen_classes: dict[str, frozenset[str]] = {}
+        self._served: dict[str, list[int]] = {}  # app -> the profiles its live classes serve
         self._unpark_from: dict[str, int] = {}  # app -> offset in `parked` still to look at
         self._idle_since: dict[str, float] = {}  # app -> monotonic time it was first seen idle
 
@@ -171,8 +186,11 @@ class Beat:
         return int((time.time() + self.offset) * 1000)
 
     def apps(self) -> list[keys.AppKeys]:
-        """Keys of every app that has submitted or run work on this broker."""
-        self.known_apps |= {raw.decode() for raw in self.client.smembers(keys.APPS)}
+        """Keys of every app that has submitted or run work on this broker. The index is
+        read again once per sweep interval: in between, wake-ups name the apps that submit."""
+        if time.monotonic() - self._apps_read_at >= self.settings.sweep_interval:
+            self.known_apps |= {raw.decode() for raw in self.client.smembers(keys.APPS)}
+            self._apps_read_at = time.monotonic()
         return [keys.AppKeys(app_id) for app_id in sorted(self.known_apps)]
 
     def dispatch(self) -> float:
@@ -202,11 +220,14 @@ class Beat:
                 "%s of %s met unreadable data: %s: %s", step, app.app_id, type(exc).__name__, exc
             )
 
-    def view(self, app: keys.AppKeys) -> View:
+    def view(self, app: keys.AppKeys, seen: tuple[int, frozenset[str]] | None = None) -> View:
         """The app's live classes and what each can run (class definitions are read once:
-        a class id names its definition)."""
-        raw = self.scripts.view(keys=[app.classlive, app.classes], args=[])
-        now, live = int(raw[0]), frozenset(c.decode() for c in raw[1])
+        a class id names its definition). `seen`: Redis's clock and the live classes, when
+        the caller read them already (round.lua)."""
+        if seen is None:
+            raw = self.scripts.view(keys=[app.classlive, app.classes], args=[])
+            seen = int(raw[0]), frozenset(c.decode() for c in raw[1])
+        now, live = seen
         self.offset = now / 1000 - time.time()
         unknown = [c for c in live if (app.app_id, c) not in self._class_defs]
         if unknown:
@@ -226,6 +247,20 @@ class Beat:
         self._seen_classes[app.app_id] = live
         return view
 
+    def _round(self, app: keys.AppKeys, profiles: list[int]) -> Round:
+        """What a dispatch pass reads (round.lua), in one round trip, for these profiles."""
+        script_keys = [app.classlive, *efficiency.cpu_keys(app)]
+        script_keys += [app.due(profile) for profile in profiles]
+        args = [int(self.settings.dispatch_ahead * 1000), self.settings.claim_batch, *profiles]
+        raw = self.scripts.round(keys=script_keys, args=args)
+        heads = {
+            profile: ([s.decode() for s in raw[3 + 2 * i]], raw[4 + 2 * i])
+            for i, profile in enumerate(profiles)
+        }
+        live = frozenset(c.decode() for c in raw[1])
+        lane = efficiency.PRIORITY_LANE if raw[2] else efficiency.NORMAL_LANE
+        return Round(int(raw[0]), live, lane, heads)
+
     def class_of(self, app: keys.AppKeys, heartbeat: dict[str, Any]) -> dict[str, Any]:
         """The definition of a live worker's class (what it can run), from its heartbeat."""
         class_id = str(heartbeat.get("class", ""))
@@ -235,33 +270,32 @@ class Beat:
         return self._class_defs[(app.app_id, class_id)]
 
     def _dispatch_app(self, app: keys.AppKeys) -> float:
-        view = self.view(app)
+        # One round trip reads the live classes and the heads of the profiles they served
+        # on the last pass (a profile served only now is read in a second one).
+        asked = self._served.get(app.app_id, ALL_PROFILES)
+        found = self._round(app, asked)
+        view = self.view(app, (found.now, found.live))
         if self.metrics is not None:
             self.metrics.note_capable(app.app_id, view.routes, view.now)
         self._unpark(app, view)
         profiles = sorted(view.routes)
-        if not profiles:
-            return float("inf")
+        self._served[app.app_id] = profiles
+        missing = [profile for profile in profiles if profile not in found.heads]
+        if missing:
+            found.heads.update(self._round(app, missing).heads)
         ahead_ms = int(self.settings.dispatch_ahead * 1000)
         horizon = view.now + ahead_ms
         batch = self.settings.claim_batch
-        # Per profile, the scopes with something due by the horizon (up to a batch) and the
-        # first one after it: a million waiting requests cost nothing to look past.
-        with self.client.pipeline(transaction=False) as pipe:
-            for profile in profiles:
-                pipe.zrangebyscore(app.due(profile), "-inf", horizon, start=0, num=batch)
-                pipe.zrangebyscore(
-                    app.due(profile), f"({horizon}", "+inf", start=0, num=1, withscores=True
-                )
-            heads = pipe.execute()
         next_due = float("inf")
-        for i, profile in enumerate(profiles):
-            scopes, later = heads[2 * i], heads[2 * i + 1]
+        for profile in profiles:
+            # The scopes with something due by the horizon (up to a batch) and the first one
+            # after it: a million waiting requests cost nothing to look past.
+            scopes, later = found.heads[profile]
             if later:  # wake once it is half a window inside the window
-                next_due = min(next_due, (later[0][1] - horizon) / 1000 + ahead_ms / 2000)
+                next_due = min(next_due, (int(later[1]) - horizon) / 1000 + ahead_ms / 2000)
             if scopes:
-                claimed = self._claim(app, profile, [s.decode() for s in scopes], view, horizon)
-                self.publish(app, claimed, view.now)
+                claimed = self._claim(app, profile, scopes, view, horizon)
+                self.publish(app, claimed, view.now, found.lane)
                 if len(scopes) == batch or len(claimed) == batch:
                     next_due = 0.0  # more is due behind this batch: come back at once
         return max(0.0, next_due)
@@ -295,7 +329,9 @@ class Beat:
             self.metrics.observe_claims(app.app_id, claimed, view.now)
         return claimed
 
-    def publish(self, app: keys.AppKeys, claimed: list[Claimed], now: int) -> None:
+    def publish(
+        self, app: keys.AppKeys, claimed: list[Claimed], now: int, lane: int | None = None
+    ) -> None:
         """Send each claimed request to its class's queue, with its date as the ETA when it
         is still ahead (the worker's timer starts it; the start checks its generation, so a
         cancel or a replace inside the window still wins).
@@ -305,7 +341,7 @@ class Beat:
         """
         if not claimed:
             return
-        priority = efficiency.lane(self.client, app)
+        priority = efficiency.lane(self.client, app) if lane is None else lane
         sent = []
         for item in claimed:
             eta = None

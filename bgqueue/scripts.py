@@ -21,6 +21,7 @@ NAMES = (
     "unpark",
     "launch",
     "view",
+    "round",
     "lapsed",
     "start",
     "release",
