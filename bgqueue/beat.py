@@ -108,6 +108,7 @@ class Beat:
         self._class_defs: dict[tuple[str, str], dict[str, Any]] = {}
         self._seen_classes: dict[str, frozenset[str]] = {}
         self._served: dict[str, list[int]] = {}  # app -> the profiles its live classes serve
+        self._routes: dict[str, dict[str, str]] = {}  # app -> its `routes` as last written
         self._unpark_from: dict[str, int] = {}  # app -> offset in `parked` still to look at
         self._idle_since: dict[str, float] = {}  # app -> monotonic time it was first seen idle
 
@@ -147,6 +148,7 @@ class Beat:
         wakes = self.client.pubsub(ignore_subscribe_messages=True)
         wakes.subscribe(keys.BEAT_WAKE)
         self._seen_classes.clear()  # a new leader looks at parked requests afresh
+        self._routes.clear()  # and writes the routes it sees
         try:
             while not self.stopping.is_set():
                 if time.monotonic() >= renew_at:
@@ -278,6 +280,7 @@ class Beat:
         if self.metrics is not None:
             self.metrics.note_capable(app.app_id, view.routes, view.now)
         self._unpark(app, view)
+        self._write_routes(app, view, found.lane)
         profiles = sorted(view.routes)
         self._served[app.app_id] = profiles
         missing = [profile for profile in profiles if profile not in found.heads]
@@ -299,6 +302,25 @@ class Beat:
                 if len(scopes) == batch or len(claimed) == batch:
                     next_due = 0.0  # more is due behind this batch: come back at once
         return max(0.0, next_due)
+
+    def _write_routes(self, app: keys.AppKeys, view: View, lane: int) -> None:
+        """Keep `routes` (keys.py) what this pass sees, writing only when it changed: a
+        submit reads it to release a request due now itself. No live class, no key."""
+        routes = {
+            f"{profile}{keys.SEPARATOR}{identifier}": " ".join(classes)
+            for profile, handlers in view.routes.items()
+            for identifier, classes in handlers.items()
+        }
+        if routes:
+            routes["#lane"] = str(lane)
+        if self._routes.get(app.app_id) == routes:
+            return
+        with self.client.pipeline(transaction=True) as pipe:  # readers see old or new, whole
+            pipe.delete(app.routes)
+            if routes:
+                pipe.hset(app.routes, mapping=routes)
+            pipe.execute()
+        self._routes[app.app_id] = routes
 
     def _claim(
         self, app: keys.AppKeys, profile: int, scopes: list[str], view: View, horizon: int
