@@ -294,8 +294,12 @@ class Beat:
             # The scopes with something due by the horizon (up to a batch) and the first one
             # after it: a million waiting requests cost nothing to look past.
             scopes, later = found.heads[profile]
-            if later:  # wake once it is half a window inside the window
-                next_due = min(next_due, (int(later[1]) - horizon) / 1000 + ahead_ms / 2000)
+            if later:
+                # Wake when it enters the window, a twentieth of a window at the soonest: a
+                # steady stream goes out in small batches, not in bursts a worker must take
+                # in all at once while it starts the earlier ones.
+                enters = (int(later[1]) - horizon) / 1000
+                next_due = min(next_due, max(enters, ahead_ms / 20_000))
             if scopes:
                 claimed = self._claim(app, profile, scopes, view, horizon)
                 self.publish(app, claimed, view.now, found.lane)

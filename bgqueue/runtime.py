@@ -71,8 +71,22 @@ class WorkerContext:
     name: str = "worker"
     overrides: dict[str, str] = field(default_factory=dict)
     offset: float = 0.0  # Redis's clock minus this machine's, seconds (from heartbeats)
+    _offset_rtt: float = math.inf  # the round trip the offset was measured over
+    _offset_at: float = 0.0
     _probed: dict[str, str] = field(default_factory=dict)
     _probed_at: float = 0.0
+
+    def clock_read(self, server_ms: int, sent: float, received: float) -> None:
+        """Take in one reading of Redis's clock (whole ms), made between `sent` and
+        `received` on this machine's clock: their midpoint errs by at most half the round
+        trip. A slow round trip (the process was busy) would skew the ETAs of every run by
+        tens of ms, so a reading replaces the estimate only if its round trip is not much
+        slower than the estimate's, or the estimate is a minute old."""
+        rtt = received - sent
+        if rtt > 2 * self._offset_rtt + 0.001 and received - self._offset_at < 60:
+            return
+        self.offset = (server_ms + 0.5) / 1000 - (sent + received) / 2
+        self._offset_rtt, self._offset_at = rtt, received
 
     def conditions(self, max_age: float) -> dict[str, str]:
         """Current conditions, probed at most every `max_age` seconds."""

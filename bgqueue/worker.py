@@ -616,11 +616,12 @@ class Heartbeat:
         }
         timeout_ms = int(self.app.settings.heartbeat_timeout * 1000)
         changed = found != self.last
+        sent = time.time()
         reply = self._heartbeat(json.dumps(beat), timeout_ms, wake=changed)
         if reply[0] == b"taken":
             holder: dict[str, Any] = json.loads(reply[1])
             return holder
-        runtime.context.offset = int(reply[1]) / 1000 - time.time()
+        runtime.context.clock_read(int(reply[1]), sent, time.time())
         if changed and self.last is not None:
             log.info("worker %s conditions now %s", runtime.context.name, found)
             if self.class_id != old_class:
