@@ -7,6 +7,7 @@ how a request is laid out in Redis, so the Lua scripts and Python agree on one s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -85,13 +86,20 @@ def requirement_names(profile: int) -> list[str]:
     return names
 
 
-def profile_of(names: object) -> int:
-    """The profile `requirement_names` named; ValueError for anything else."""
+@functools.cache
+def _requirement_bits() -> dict[str, int]:
     bits: dict[str, int] = {
         "network": Requirement.NETWORK,
         "external_power": Requirement.EXTERNAL_POWER,
     }
     bits.update({f"data_protection:{t}": t.level << 2 for t in FileProtectionType if t.level})
+    return bits
+
+
+def profile_of(names: object) -> int:
+    """The profile `requirement_names` named; ValueError for anything else (every run's
+    message is read through it)."""
+    bits = _requirement_bits()
     if not isinstance(names, list) or not all(name in bits for name in names):
         raise ValueError(f"not a list of requirement names: {names!r}")
     profile = 0
