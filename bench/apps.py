@@ -23,7 +23,7 @@ from celery import Celery
 from dramatiq.brokers.redis import RedisBroker
 
 import bgqueue as bg
-from bgqueue.celery_config import celery_config
+from bgqueue.worker.celery_config import celery_config
 
 URL = os.environ.get("BGQUEUE_BROKER_URL", "redis://127.0.0.1:6379/0")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import redis
 
-from bgqueue.embedded import RedisServer, bundled_redis_server
+from bgqueue.broker.embedded import RedisServer, bundled_redis_server
 
 BENCH_DIR = Path(__file__).resolve().parent
 # Where service processes write their output; run.py points it into the run's temp directory.

@@ -77,7 +77,7 @@ from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
 
 import bgqueue as bg
-from bgqueue.celery_config import celery_config
+from bgqueue.worker.celery_config import celery_config
 
 SYSTEMS = ("bgqueue", "celery", "dramatiq", "raw")
 CONCURRENCY = 2  # the machine's cores; the same in every system

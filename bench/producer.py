@@ -39,7 +39,7 @@ from rq import Queue
 
 import bgqueue as bg
 from bgqueue.broker import connect
-from bgqueue.celery_config import celery_config
+from bgqueue.worker.celery_config import celery_config
 
 SYSTEMS = ("bgqueue", "evalsha", "celery", "celery_events", "dramatiq", "rq")
 NAMES = {  # figure names of (a), per system

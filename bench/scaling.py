@@ -21,7 +21,7 @@ from pathlib import Path
 import redis
 
 import bgqueue as bg
-from bgqueue.embedded import RedisServer
+from bgqueue.broker.embedded import RedisServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_app import DONE, app  # noqa: E402

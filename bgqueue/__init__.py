@@ -19,9 +19,9 @@ from bgqueue.errors import (
     Unavailable,
     WorkInfoCheckFailed,
 )
-from bgqueue.limits import Limits
-from bgqueue.modes import BackgroundMode
-from bgqueue.requests import (
+from bgqueue.model.limits import Limits
+from bgqueue.model.modes import BackgroundMode
+from bgqueue.model.requests import (
     AppRefreshTaskRequest,
     BGTaskRequest,
     ContinuedProcessingStrategy,
@@ -31,7 +31,7 @@ from bgqueue.requests import (
     ProcessingTaskRequest,
     TaskRecord,
 )
-from bgqueue.tasks import (
+from bgqueue.runtime.tasks import (
     AppRefreshTask,
     BGTask,
     ContinuedProcessingTask,

@@ -1,5 +1,5 @@
 """`python -m bgqueue` is the `bgqueue` command."""
 
-from bgqueue.cli import run
+from bgqueue.ops.cli import run
 
 run()

@@ -18,15 +18,16 @@ from typing import Any, TypeVar
 import redis
 
 from bgqueue import continuous as continuous_tasks
-from bgqueue import efficiency, keys, transient, works
+from bgqueue import efficiency, transient, works
 from bgqueue.broker import connect, connect_async, resolve_broker_url, service_errors
 from bgqueue.errors import NotPermitted, NotSystemApp, ParameterError
-from bgqueue.limits import Limits
-from bgqueue.modes import BackgroundMode
-from bgqueue.requests import check_name
+from bgqueue.model import keys
+from bgqueue.model.limits import Limits
+from bgqueue.model.modes import BackgroundMode
+from bgqueue.model.requests import check_name
+from bgqueue.model.scripts import Scripts, sha, source
+from bgqueue.model.settings import Settings
 from bgqueue.scheduler import Scheduler
-from bgqueue.scripts import Scripts, sha, source
-from bgqueue.settings import Settings
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -336,7 +337,7 @@ class BackgroundApp:
             result[raw[i].decode()] = (float(raw[i + 1]) > now, json.loads(raw[i + 2]))
         return now, result
 
-    # -- transient delays (bgqueue/transient.py) ----------------------------------------
+    # -- transient delays (bgqueue/transient/) ----------------------------------------
 
     def transient_task_info(self, scope: str = "default") -> transient.TransientTaskInfo:
         """A scope's suspend-delay quota left today and its live delays, in ms (HarmonyOS
@@ -344,7 +345,7 @@ class BackgroundApp:
         `task.request_suspend_delay`."""
         return transient.info(self, check_name(scope, "scope"))
 
-    # -- continuous tasks (bgqueue/continuous.py) ---------------------------------------
+    # -- continuous tasks (bgqueue/continuous/) ---------------------------------------
 
     def continuous(self, ability: str) -> Callable[[Handler], Handler]:
         """Decorator: the handler of a continuous task, run on `--continuous` workers with a
@@ -400,7 +401,7 @@ class BackgroundApp:
         if self._cancel_listener is not None:
             self._cancel_listener.remove(callback)
 
-    # -- efficiency resources (bgqueue/efficiency.py) -----------------------------------
+    # -- efficiency resources (bgqueue/efficiency/) -----------------------------------
 
     def _check_system(self, call: str) -> None:
         if not self.system:
@@ -425,7 +426,7 @@ class BackgroundApp:
         self._check_system("all_efficiency_resources")
         return efficiency.all_grants(self)
 
-    # -- work scheduler (bgqueue/works.py) ----------------------------------------------
+    # -- work scheduler (bgqueue/works/) ----------------------------------------------
 
     def work(self, ability_name: str) -> Callable[[works.Extension], works.Extension]:
         """Class decorator: the WorkSchedulerExtension that workers run for works naming

@@ -6,7 +6,7 @@ arrival or a sweep wakes it; there is no fixed polling of the due sets.
 
 Each pass serves every app in turn, a bounded amount of work each (one claim batch per
 requirement profile), so one app's or one profile's burst never makes another wait
-behind it. Per app, beat reads its *view* of the live worker classes (bgqueue/worker.py):
+behind it. Per app, beat reads its *view* of the live worker classes (bgqueue/worker/):
 which profiles they satisfy and which handlers they have. A due request goes to the
 queue of a class that can run it; one that no live class has the handler for is parked
 until one arrives. Requests due within the dispatch window are sent ahead, with their
@@ -32,12 +32,14 @@ from typing import Any, NamedTuple
 
 import redis
 
-from bgqueue import continuous, deadletter, efficiency, keys, logs, messages, works
-from bgqueue.broker import connect
-from bgqueue.metrics import BeatMetrics
-from bgqueue.requests import PROFILE_COUNT, requirement_names
-from bgqueue.scripts import Scripts
-from bgqueue.settings import Settings
+from bgqueue import continuous, efficiency, works
+from bgqueue.broker import connect, deadletter, messages
+from bgqueue.model import keys
+from bgqueue.model.requests import PROFILE_COUNT, requirement_names
+from bgqueue.model.scripts import Scripts
+from bgqueue.model.settings import Settings
+from bgqueue.telemetry import logs
+from bgqueue.telemetry.metrics import BeatMetrics
 
 log = logging.getLogger("bgqueue.beat")
 
@@ -209,7 +211,7 @@ class Beat:
     @contextlib.contextmanager
     def isolated(self, app: keys.AppKeys, step: str) -> Iterator[None]:
         """Keep one app's unreadable data from stopping beat for every app: a key of the
-        wrong type is moved into the app's dead letter (bgqueue.deadletter), and any other
+        wrong type is moved into the app's dead letter (bgqueue.broker.deadletter), and any other
         data error is logged; the app is tried again on the next round. Connection errors
         go on up (the lease loop retries them)."""
         try:

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from bgqueue import keys, tracing
+from bgqueue import tracing
 from bgqueue.errors import (
     ImmediateRunIneligible,
     NotPermitted,
@@ -18,7 +18,8 @@ from bgqueue.errors import (
     TooManyPendingTaskRequests,
     Unavailable,
 )
-from bgqueue.requests import (
+from bgqueue.model import keys
+from bgqueue.model.requests import (
     BGTaskRequest,
     ContinuedProcessingStrategy,
     ContinuedProcessingTaskRequest,
@@ -27,10 +28,11 @@ from bgqueue.requests import (
     from_record,
     requirement_names,
 )
-from bgqueue.scripts import ScriptCall
+from bgqueue.model.scripts import ScriptCall
 
 if TYPE_CHECKING:
-    from bgqueue.app import BackgroundApp
+    # The façade's part this module uses, by the name it stands for (model/context.py).
+    from bgqueue.model.context import AppContext as BackgroundApp
 
 
 class Scheduler:

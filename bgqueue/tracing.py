@@ -32,11 +32,11 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from importlib import metadata
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from bgqueue.requests import BGTaskRequest
-    from bgqueue.runtime import Run
+    from bgqueue.model.context import AppContext
+    from bgqueue.model.requests import BGTaskRequest, Kind
 
 log = logging.getLogger("bgqueue.tracing")
 
@@ -54,6 +54,7 @@ HANDLER, FORCED = "bgqueue.expiration.handler", "bgqueue.expiration.forced"
 DELAY_ID, DELAY_MS, DELAY_REASON = "bgqueue.delay.id", "bgqueue.delay.ms", "bgqueue.delay.reason"
 
 _OFF: AbstractContextManager[None] = contextlib.nullcontext()
+
 _provider: Any = None  # the provider in use once one is known
 _tracer: Any = None  # its tracer; a global provider, once set, is never replaced
 _asked = False  # OpenTelemetry's get_tracer_provider() has been called once
@@ -129,6 +130,21 @@ def submitting(app_id: str, scope: str) -> Callable[[BGTaskRequest, str], str] |
 
 
 # -- the worker -----------------------------------------------------------------------------
+
+
+class Run(Protocol):
+    """What a run span reads and sets of `bgqueue.runtime.Run` (the run core imports this
+    module, so it is named here by what it must have)."""
+
+    app: AppContext
+    task: Any  # its BGTask: identifier, scope, attempt
+    kind: Kind
+    gen: int
+    span: Any
+    delays: Any  # its RunDelays, which carries the span too
+    body: Any  # its Body: whether the body was interrupted
+    outcome: tuple[str, bool] | None
+    reason: str
 
 
 def running(run: Run, record: dict[str, Any]) -> AbstractContextManager[None]:

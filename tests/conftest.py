@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from bgqueue.broker import ENV_BROKER_URL, connect
-from bgqueue.embedded import RedisServer, stop_embedded_redis
+from bgqueue.broker.embedded import RedisServer, stop_embedded_redis
 
 # --- isolation from the user's environment -------------------------------------------
 

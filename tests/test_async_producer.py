@@ -22,12 +22,12 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue import keys
 from bgqueue.broker import ASYNC_MAX_CONNECTIONS
-from bgqueue.embedded import HOST, RedisServer, free_port
-from bgqueue.requests import PROFILE_COUNT
+from bgqueue.broker.embedded import HOST, RedisServer, free_port
+from bgqueue.model import keys
+from bgqueue.model.requests import PROFILE_COUNT
+from bgqueue.model.scripts import sha
 from bgqueue.scheduler import Scheduler
-from bgqueue.scripts import sha
 from tests.test_broker import tls_proxy  # noqa: F401  (fixture: TLS in front of the test Redis)
 
 APP = "com.example.aio"

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 import bgqueue as bg
-from bgqueue.embedded import RedisServer
+from bgqueue.broker.embedded import RedisServer
 from tests.apps.sample import EVENTS
 from tests.harness import APP_ID, SAMPLE_APP, Cluster, wait_for
 

@@ -20,9 +20,8 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue import deadletter
-from bgqueue.broker import connect, redact, resolve_broker_url, ssl_options
-from bgqueue.embedded import (
+from bgqueue.broker import connect, deadletter, redact, resolve_broker_url, ssl_options
+from bgqueue.broker.embedded import (
     HOST,
     RedisServer,
     ensure_embedded_redis,
@@ -33,7 +32,7 @@ from bgqueue.embedded import (
 from bgqueue.errors import ParameterError, ServiceError
 
 ROOT = Path(__file__).resolve().parents[1]
-ENSURE_IN_SUBPROCESS = "from bgqueue.embedded import ensure_embedded_redis as e; print(e())"
+ENSURE_IN_SUBPROCESS = "from bgqueue.broker.embedded import ensure_embedded_redis as e; print(e())"
 
 
 def run_python(code: str) -> str:
@@ -147,7 +146,7 @@ def test_embedded_server_is_reused_in_process_and_by_other_processes() -> None:
 
 def test_embedded_server_outlives_the_process_that_started_it(fresh_home: Path) -> None:
     started = run_python(
-        "from bgqueue.embedded import ensure_embedded_redis as e; import redis\n"
+        "from bgqueue.broker.embedded import ensure_embedded_redis as e; import redis\n"
         "url = e(); redis.Redis.from_url(url).set('written-by', 'starter'); print(url)"
     )
     assert ensure_embedded_redis() == started

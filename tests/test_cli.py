@@ -20,8 +20,8 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue import keys
-from bgqueue.embedded import free_port
+from bgqueue.broker.embedded import free_port
+from bgqueue.model import keys
 from tests.harness import APP_ID, FAST, SAMPLE_APP, Cluster, events, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import bgqueue as bg
-from bgqueue import conditions
-from bgqueue.requests import PROFILE_COUNT
+from bgqueue.model import conditions
+from bgqueue.model.requests import PROFILE_COUNT
 
 
 def test_probe_reports_every_key_with_a_valid_value() -> None:

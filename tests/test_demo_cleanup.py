@@ -21,7 +21,7 @@ from typing import IO
 import psutil
 import pytest
 
-from bgqueue.embedded import free_port
+from bgqueue.broker.embedded import free_port
 from tests.harness import FAST, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -46,15 +46,15 @@ import redis
 import yaml
 from referencing import Registry, Resource
 
-import bgqueue.cli
-from bgqueue import conditions, keys
+import bgqueue.ops.cli
 from bgqueue.app import BackgroundApp
 from bgqueue.broker import ENV_BROKER_URL
-from bgqueue.embedded import free_port, redis_server_binary
+from bgqueue.broker.embedded import free_port, redis_server_binary
 from bgqueue.errors import ParameterError
-from bgqueue.loader import load_app
-from bgqueue.requests import Kind
-from bgqueue.settings import Settings
+from bgqueue.model import conditions, keys
+from bgqueue.model.requests import Kind
+from bgqueue.model.settings import Settings
+from bgqueue.ops.loader import load_app
 from tests.harness import Proc, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def parse_cli(argv: list[str]) -> tuple[str, dict[str, list[str]]]:
     click accepts (types, ranges, required options). Returns the command and its options."""
     command, rest = argv[0], argv[1:]
     assert command in subcommands(), f"`bgqueue {command}` is not a command ({argv})"
-    click_command = bgqueue.cli.main.commands[command]
+    click_command = bgqueue.ops.cli.main.commands[command]
     params = {opt: param for param in click_command.params for opt in param.opts}
     options: dict[str, list[str]] = {}
     i = 0
@@ -148,7 +148,7 @@ def check_worker(options: dict[str, list[str]]) -> tuple[BackgroundApp, dict[str
 def click_envvars() -> set[str]:
     """The environment variables bgqueue's commands take options from (click's `envvar`)."""
     found: set[str] = set()
-    for command in bgqueue.cli.main.commands.values():
+    for command in bgqueue.ops.cli.main.commands.values():
         for param in command.params:
             envvar = getattr(param, "envvar", None)
             found |= {envvar} if isinstance(envvar, str) else set(envvar or ())
@@ -162,7 +162,7 @@ def bgqueue_reads(name: str) -> bool:
     if name == ENV_BROKER_URL or name in click_envvars():
         return True
     if name == "FLOWER_BASIC_AUTH":
-        return '"FLOWER_BASIC_AUTH"' in inspect.getsource(bgqueue.cli.flower.callback)
+        return '"FLOWER_BASIC_AUTH"' in inspect.getsource(bgqueue.ops.cli.flower.callback)
     previous = os.environ.get(name)
     os.environ[name] = "not-a-number"
     try:
@@ -781,7 +781,7 @@ def test_image_build_context_holds_everything_the_package_needs(tmp_path: Path) 
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-        assert "bgqueue = bgqueue.cli:run" in archive.read(entry_points).decode()
+        assert "bgqueue = bgqueue.ops.cli:run" in archive.read(entry_points).decode()
     package = {
         path.relative_to(REPO).as_posix()
         for path in (REPO / "bgqueue").rglob("*")

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue import keys
+from bgqueue.model import keys
 from tests.apps import punctual
 from tests.harness import APP_ID, Cluster, events, wait_for
 

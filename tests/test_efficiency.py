@@ -14,8 +14,8 @@ from kombu.transport import redis as kombu_redis
 
 import bgqueue as bg
 from bgqueue import efficiency
-from bgqueue.celery_config import celery_config
-from bgqueue.keys import AppKeys
+from bgqueue.model.keys import AppKeys
+from bgqueue.worker.celery_config import celery_config
 from tests.apps import efficient
 from tests.harness import Cluster, wait_for
 

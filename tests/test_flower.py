@@ -31,7 +31,7 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue.embedded import free_port
+from bgqueue.broker.embedded import free_port
 from tests.apps import news
 from tests.harness import REPO, Cluster, wait_for
 

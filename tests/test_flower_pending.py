@@ -29,8 +29,8 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue.backlog.listing import slices
-from bgqueue.keys import AppKeys
+from bgqueue.model.keys import AppKeys
+from bgqueue.ops.backlog.listing import slices
 from tests.browser import Browser
 from tests.harness import APP_ID, REPO, Cluster, events, wait_for
 from tests.test_flower import LOGIN, chromium, http, start_flower

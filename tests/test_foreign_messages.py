@@ -1,7 +1,7 @@
 """Foreign and malformed data placed directly on bgqueue's Redis keys and Celery queues,
 with a real beat and a real worker running.
 
-Each time: the data ends in the app's dead letter (`bgqueue.deadletter`: where, why, the raw
+Each time: the data ends in the app's dead letter (`bgqueue.broker.deadletter`: where, why, the raw
 data, the time), the worker and beat keep their PIDs and keep serving (a normal request
 submitted afterwards completes), and nothing else changes (a bystander request in another
 scope keeps its record and due time).
@@ -27,10 +27,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bgqueue as bg
-from bgqueue import deadletter, keys
-from bgqueue.celery_config import celery_config
-from bgqueue.embedded import RedisServer
-from bgqueue.status import report
+from bgqueue.broker import deadletter
+from bgqueue.broker.embedded import RedisServer
+from bgqueue.model import keys
+from bgqueue.ops.status import report
+from bgqueue.worker.celery_config import celery_config
 from tests.harness import APP_ID, Cluster, events, wait_for
 
 PREFIX = "com.bgqueue.test."

@@ -14,7 +14,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bgqueue.cli import run
+from bgqueue.ops.cli import run
 from tests.harness import REPO, SAMPLE_APP
 from tests.test_scheduler import snapshot
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from bgqueue.embedded import RedisServer
+from bgqueue.broker.embedded import RedisServer
 from tests.apps import sample
 from tests.harness import Cluster, run_everywhere
 

@@ -10,8 +10,9 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue import deadletter, keys
-from bgqueue.embedded import RedisServer
+from bgqueue.broker import deadletter
+from bgqueue.broker.embedded import RedisServer
+from bgqueue.model import keys
 
 
 def snapshot(client: redis.Redis) -> dict[bytes, bytes | None]:

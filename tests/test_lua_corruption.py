@@ -25,11 +25,12 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue import deadletter, runtime
+from bgqueue import runtime
 from bgqueue.beat import Beat
+from bgqueue.broker import deadletter
 from bgqueue.errors import BackgroundTaskError
-from bgqueue.keys import AppKeys
-from bgqueue.requests import Kind, State
+from bgqueue.model.keys import AppKeys
+from bgqueue.model.requests import Kind, State
 from bgqueue.worker import worker_class
 
 APP_ID = "com.bgqueue.corrupt"

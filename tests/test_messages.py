@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import redis
 
-from bgqueue import messages
-from bgqueue.requests import requirement_names
-from bgqueue.scripts import splice
+from bgqueue.broker import messages
+from bgqueue.model.requests import requirement_names
+from bgqueue.model.scripts import splice
 
 LUA = splice(
     """-- include: message

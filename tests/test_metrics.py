@@ -16,7 +16,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 import bgqueue as bg
-from bgqueue import keys
+from bgqueue.model import keys
 from tests.apps import transient_app
 from tests.harness import APP_ID, Cluster, events, wait_for
 

@@ -25,7 +25,7 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue.embedded import free_port
+from bgqueue.broker.embedded import free_port
 from tests.apps import transient_app
 from tests.harness import APP_ID, Cluster, wait_for
 

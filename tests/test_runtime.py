@@ -22,9 +22,10 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue import runtime, status
+from bgqueue import runtime
 from bgqueue.beat import Beat
-from bgqueue.metrics import pending_requests
+from bgqueue.model.counts import pending_requests
+from bgqueue.ops import status
 from tests.harness import APP_ID, Cluster, events, wait_for
 
 PREFIX = "com.bgqueue.test."

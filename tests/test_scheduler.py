@@ -17,9 +17,9 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue import keys
 from bgqueue.errors import APPLE_DOMAIN, HARMONY_DOMAIN
-from bgqueue.requests import to_ms
+from bgqueue.model import keys
+from bgqueue.model.requests import to_ms
 from tests.harness import APP_ID, Cluster, events, wait_for
 
 APP = "com.example.sched"

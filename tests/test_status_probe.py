@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import bgqueue as bg
-from bgqueue.embedded import free_port
+from bgqueue.broker.embedded import free_port
 from tests.harness import APP_ID, FAST, Cluster, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

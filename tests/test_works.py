@@ -20,8 +20,8 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue.conditions import matches_work
-from bgqueue.embedded import RedisServer
+from bgqueue.broker.embedded import RedisServer
+from bgqueue.works import matches_work
 from tests.apps.works_app import APP_ID, EVENTS, LIMITS, producer
 from tests.harness import Cluster, wait_for
 

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 import bgqueue as bg
-from bgqueue import keys
+from bgqueue.model import keys
 from tests.harness import APP_ID, FAST, events, wait_for
 
 PREFIX = "com.bgqueue.test."

@@ -16,9 +16,9 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue import keys
 from bgqueue.beat import Beat, Claimed
-from bgqueue.settings import Settings
+from bgqueue.model import keys
+from bgqueue.model.settings import Settings
 from tests.faults.probes import (
     APP_KEYS,
     BEAT_LEASE,

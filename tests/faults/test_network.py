@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from bgqueue.embedded import RedisServer
+from bgqueue.broker.embedded import RedisServer
 from tests.faults.conftest import Host, _ip
 from tests.faults.probes import (
     HANDLED,

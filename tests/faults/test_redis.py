@@ -16,7 +16,7 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue.embedded import HOST, RedisServer, free_port
+from bgqueue.broker.embedded import HOST, RedisServer, free_port
 from tests.faults.probes import (
     APP_KEYS,
     HANDLED,
