@@ -14,9 +14,13 @@ $(BIN)/bgqueue: pyproject.toml
 demo: $(BIN)/bgqueue
 	$(BIN)/bgqueue demo
 
+# lint-imports checks the import contracts of pyproject.toml (docs/architecture.md's layers):
+# an import that points up, or a cycle, fails here.
 test: test-tools packaging $(BIN)/bgqueue
 	$(BIN)/ruff check bgqueue tests bench
+	$(BIN)/ruff format --check bgqueue tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 # The programs some tests drive, from Debian's packages: chromium (tests/test_flower.py) and
@@ -53,9 +57,10 @@ chaos: $(BIN)/bgqueue
 lint: $(BIN)/bgqueue
 	$(BIN)/ruff check bgqueue tests bench
 	$(BIN)/ruff format --check bgqueue tests
+	$(BIN)/lint-imports
 
 typecheck: $(BIN)/bgqueue
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .grimp_cache

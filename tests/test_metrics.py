@@ -82,7 +82,10 @@ def history(app: bg.BackgroundApp, identifier: str) -> list[bg.TaskRecord]:
 
 
 def recount(client: redis.Redis, app_keys: keys.AppKeys, scopes: list[str]) -> dict[str, int]:
-    """The counts beat's metrics read, recomputed from every record (what they spare)."""
+    """Both kinds of counter the scripts keep (bgqueue/model/counts.py), recomputed from every
+    record: the app's counts, '<kind>:<place>', which metrics, status and the Pending page
+    read; and each scope's pending-limit fields, '<scope> #refresh' and '<scope> #processing',
+    which submit.lua reads (a requeued run, attempt > 0, waits outside them)."""
     counted: dict[str, int] = {}
     for scope in scopes:
         for field, raw in client.hgetall(app_keys.requests(scope)).items():
@@ -90,14 +93,22 @@ def recount(client: redis.Redis, app_keys: keys.AppKeys, scopes: list[str]) -> d
                 continue
             record = json.loads(raw)
             where = record["r"] if record["s"] == "pending" else record["s"]
-            name = f"{record['k']}:{where}"
-            counted[name] = counted.get(name, 0) + 1
+            names = [f"{record['k']}:{where}"]
+            if record.get("a", 0) == 0:
+                names.append(f"{scope} #{'refresh' if record['k'] == 'refresh' else 'processing'}")
+            for name in names:
+                counted[name] = counted.get(name, 0) + 1
     return counted
 
 
-def kept(client: redis.Redis, app_keys: keys.AppKeys) -> dict[str, int]:
-    raw = client.hgetall(app_keys.counts)
-    return {f.decode(): int(v) for f, v in raw.items() if int(v)}
+def kept(client: redis.Redis, app_keys: keys.AppKeys, scopes: list[str]) -> dict[str, int]:
+    """Both kinds of counter as the scripts keep them, named as `recount` names them."""
+    found = {f.decode(): int(v) for f, v in client.hgetall(app_keys.counts).items() if int(v)}
+    for scope in scopes:
+        for field, value in client.hgetall(app_keys.requests(scope)).items():
+            if field.startswith(b"#") and int(value):
+                found[f"{scope} {field.decode()}"] = int(value)
+    return found
 
 
 # --- beat -----------------------------------------------------------------------------
@@ -187,8 +198,9 @@ def test_the_first_reason_that_applies_is_reported_by_kind(
     becomes(port, "bgqueue_pending_requests", 4, **waiting)
     assert pending(port, "refresh", "no_capable_worker") == 2
     assert pending(port, "processing", "not_due") == 0
-    assert kept(redis_client, sample_app.keys) == recount(
-        redis_client, sample_app.keys, ["default", "s2"]
+    scopes = ["default", "s2"]
+    assert kept(redis_client, sample_app.keys, scopes) == recount(
+        redis_client, sample_app.keys, scopes
     )
 
     cluster.worker("online", ["network=wifi"], concurrency=2)
@@ -201,11 +213,18 @@ def test_the_first_reason_that_applies_is_reported_by_kind(
 def test_counts_follow_every_transition(
     cluster: Cluster, sample_app: bg.BackgroundApp, redis_client: redis.Redis
 ) -> None:
-    """The per-kind counts the request scripts keep match a recount from the records
-    after submits, replacements, cancels, claims, runs and a worker lost mid-run, and
-    are back to zero once nothing waits."""
+    """Both kinds of counter the request scripts keep (the app's counts and each scope's
+    pending-limit fields) match a recount from the records in every state a request goes
+    through: pending, replaced, cancelled, parked, dispatched, running, finished and
+    requeued after its worker died; and are gone once nothing waits."""
     app_keys = sample_app.keys
     scopes = ["default", "s2"]
+
+    def agree() -> dict[str, int]:
+        counters = kept(redis_client, app_keys, scopes)
+        assert counters == recount(redis_client, app_keys, scopes)
+        return counters
+
     later = datetime.now(UTC) + timedelta(hours=1)
     scheduler, other = sample_app.scheduler, sample_app.scheduler_for("s2")
     scheduler.submit_many(
@@ -216,39 +235,54 @@ def test_counts_follow_every_transition(
         ]
     )
     other.submit(bg.ProcessingTaskRequest(P + "b", requires_external_power=True))
-    assert kept(redis_client, app_keys) == recount(redis_client, app_keys, scopes)
+    agree()
     # A replacement of another kind's profile, and a cancel.
     scheduler.submit(bg.ProcessingTaskRequest(P + "a", requires_network_connectivity=True))
     assert scheduler.cancel(P + "health")
-    assert kept(redis_client, app_keys) == recount(redis_client, app_keys, scopes)
-    assert kept(redis_client, app_keys) == {
+    assert agree() == {
         "processing:1": 1,
         "refresh:0": 1,
         "processing:2": 1,
+        "default #processing": 1,
+        "default #refresh": 1,
+        "s2 #processing": 1,
     }
 
     cluster.beat()
     env = {"TEST_PROCESSING_BUDGET": "60"}
     worker = cluster.worker("w1", ["external_power=true"], concurrency=1, env=env)
     wait_for(lambda: len(events(redis_client, "end")) == 2, 20, "a and b to run")
+    agree()  # running, then finished: no longer counted
+    # Permitted, but no live worker has its handler: parked.
+    scheduler.submit(bg.ProcessingTaskRequest(P + "unhandled"))
+    wait_for(lambda: kept(redis_client, app_keys, scopes).get("processing:parked"), 15, "parked")
+    agree()
     scheduler.submit(bg.ProcessingTaskRequest(P + "slow", payload={"sleep": 30}))
     wait_for(lambda: events(redis_client, "start", P + "slow"), 20, "slow to start")
+    agree()
     # Dispatched behind the busy worker, then replaced while dispatched.
     scheduler.submit(bg.ProcessingTaskRequest(P + "c"))
-    wait_for(lambda: kept(redis_client, app_keys).get("processing:dispatched"), 15, "c dispatched")
+    wait_for(
+        lambda: kept(redis_client, app_keys, scopes).get("processing:dispatched"),
+        15,
+        "c dispatched",
+    )
+    agree()
     scheduler.submit(bg.ProcessingTaskRequest(P + "c", earliest_begin_date=later))
-    assert kept(redis_client, app_keys) == recount(redis_client, app_keys, scopes)
-    # The worker dies mid-run: slow goes back to pending, then runs again elsewhere.
+    agree()
+    # The worker dies mid-run: slow is requeued (attempt 1, outside the pending limit).
     worker.kill()
     wait_for(
         lambda: any(r.state == "failed" for r in history(sample_app, P + "slow")),
         20,
         "the lost run to be recovered",
     )
-    assert kept(redis_client, app_keys) == recount(redis_client, app_keys, scopes)
-    assert scheduler.cancel(P + "slow") and scheduler.cancel(P + "c")
-    assert scheduler.cancel(P + "refresh")
-    assert kept(redis_client, app_keys) == {} == recount(redis_client, app_keys, scopes)
+    counters = agree()
+    assert counters["processing:0"] == 2  # slow and c
+    assert counters["default #processing"] == 2  # unhandled and c: slow waits outside
+    for identifier in ("slow", "c", "refresh", "unhandled"):
+        assert scheduler.cancel(P + identifier)
+    assert agree() == {}
 
 
 def test_transient_quota_used_is_reported_per_scope(
