@@ -12,7 +12,7 @@ it (it ends before the first start), queueing is outside it (measured by produce
   completed. Done: every handler ran and nothing is running or dispatched (bgqueue records
   `completed` inside the handler, before the ack).
 - Celery: N `apply_async` messages; then `celery worker --pool prefork --concurrency 2`
-  with the settings bgqueue's workers use (bgqueue/celery_config.py: JSON, acks late,
+  with the settings bgqueue's workers use (bgqueue/worker/celery_config.py: JSON, acks late,
   prefetch 1, task events on; without mingle and gossip, as `bgqueue worker` runs), except
   that it keeps kombu's ack emulation: bare Celery's way to recover a dead worker's runs,
   where bgqueue's leases do that (apps.celery_app). Done: every handler ran and the unacked

@@ -4,7 +4,7 @@
 on the same no-op task and the same Redis: bgqueue `submit`, a bare EVALSHA of a script
 that returns at once (the round trip a submit cannot go below), Celery `apply_async` with
 Celery's defaults (JSON; the ratio's baseline), Celery `apply_async` with the settings
-bgqueue itself uses (bgqueue/celery_config.py, which also publishes a `task-sent` event per
+bgqueue itself uses (bgqueue/worker/celery_config.py, which also publishes a `task-sent` event per
 message, for Flower), Dramatiq `Actor.send` (default middleware) and RQ `Queue.enqueue`. Each
 system's connection is warmed by one call before timing, as a long-lived producer's would be.
 The systems take turns, round after round, and each reports its median round, so a slow

@@ -1,4 +1,4 @@
-"""bgqueue's pending page inside Flower (/bgqueue/pending, bgqueue/backlog/): under Flower's
+"""bgqueue's pending page inside Flower (/bgqueue/pending, bgqueue/ops/backlog/): under Flower's
 login, every reason a request waits, paging that never reads more than a page, and a cancel
 that only the page itself can send.
 

@@ -1,4 +1,4 @@
-"""The two writers of a run's Celery message agree: bgqueue/messages.py (beat) and its Lua
+"""The two writers of a run's Celery message agree: bgqueue/broker/messages.py (beat) and its Lua
 twin lua/include/message.lua (a request a submit releases itself). Both are read by real
 Celery workers elsewhere (tests/test_dispatch.py); here they are compared field by field."""
 
