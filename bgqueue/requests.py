@@ -206,8 +206,10 @@ class BGTaskRequest:
                 raise ParameterError(f"earliest_begin_date must be a datetime, got {date!r}")
             if date.tzinfo is None or date.utcoffset() is None:
                 raise ParameterError("earliest_begin_date must be timezone-aware (e.g. tz=UTC)")
-        _check_bool(self.requires_network_connectivity, "requires_network_connectivity")
-        _check_bool(self.requires_external_power, "requires_external_power")
+        network, power = self.requires_network_connectivity, self.requires_external_power
+        if type(network) is not bool or type(power) is not bool:  # one test when both are
+            _check_bool(network, "requires_network_connectivity")
+            _check_bool(power, "requires_external_power")
 
     @property
     def protection_level(self) -> int:

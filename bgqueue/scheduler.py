@@ -101,18 +101,18 @@ class Scheduler:
         app_keys = self.app.keys
         script_keys = [app_keys.requests(self.scope), app_keys.counts]
         for place in places:
-            if place == "parked":
+            if place.isdigit():  # a profile
+                profile = int(place)
+                script_keys += [app_keys.due_all[profile], app_keys.sched(profile, self.scope)]
+            elif place == "parked":
                 script_keys.append(app_keys.parked)
             elif place == "dispatched":
                 script_keys.append(app_keys.leases)
             elif place == "deadletter":
                 script_keys.append(app_keys.deadletter)
-            elif place == "slots":
+            else:  # slots
                 script_keys += [app_keys.workers, app_keys.alive, app_keys.running]
                 script_keys += [app_keys.classes, app_keys.leases]
-            else:
-                profile = int(place)
-                script_keys += [app_keys.due_all[profile], app_keys.sched(profile, self.scope)]
         args[_PLACES] = " ".join(places)
         return ScriptCall("submit", script_keys, args, announce=True)
 

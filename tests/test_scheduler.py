@@ -612,6 +612,18 @@ def test_continued_processing_fail_needs_a_free_worker_now(
     assert queued in app.scheduler.pending_task_requests()
 
 
+def test_a_fail_request_replaced_within_its_batch_needs_no_free_slot(
+    app: bg.BackgroundApp,
+) -> None:
+    """A request given twice in a batch is the later one, so a FAIL-strategy request that a
+    later entry of its batch replaces never needs a free slot. (Before, the batch was
+    refused with ImmediateRunIneligible for a request it was not going to schedule.)"""
+    app.scheduler.submit_many(
+        [bg.ContinuedProcessingTaskRequest(job("c"), title="t"), bg.ProcessingTaskRequest(job("c"))]
+    )
+    assert app.scheduler.pending_task_requests() == [bg.ProcessingTaskRequest(job("c"))]
+
+
 # --- cancel, scopes, history --------------------------------------------------------
 
 

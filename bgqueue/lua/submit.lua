@@ -166,8 +166,8 @@ for _, a in ipairs(order) do
     starts[#starts + 1] = {p, id}
     need('slots')
   end
-  records[#records + 1] = id
-  records[#records + 1] = stored
+  local n = #records
+  records[n + 1], records[n + 2] = id, stored
   local list = entries[p]
   if list then
     list[#list + 1], list[#list + 2] = begin, id
