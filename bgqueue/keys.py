@@ -26,6 +26,10 @@ Per app (`bgqueue:{app}:...`):
   classes          HASH class id -> JSON of a worker class: the profiles its workers'
                    conditions satisfy and the handlers their build registered.
   classlive        ZSET class id -> ms the heartbeat of its longest-lived worker lapses.
+  routes           HASH "<profile>\x1f<identifier>" -> the live classes (space-separated)
+                   that satisfy the profile and have the handler, and '#lane' -> the Celery
+                   priority the app's requests go out with: beat's view, written when it
+                   changes, so that a submit can release a request due now itself.
   expire           SET request ids whose expiration was simulated, until their watchdog sees it.
   deadletter       LIST of JSON entries, newest first, capped: data met in the app's keys
                    or queues that bgqueue could not read (bgqueue/deadletter.py).
@@ -102,6 +106,7 @@ class AppKeys:
         self.alive = f"{self.base}:alive"
         self.classes = f"{self.base}:classes"
         self.classlive = f"{self.base}:classlive"
+        self.routes = f"{self.base}:routes"
         self.parked = f"{self.base}:parked"
         self.deadletter = f"{self.base}:deadletter"
         self.due_all = [self.due(p) for p in range(PROFILE_COUNT)]

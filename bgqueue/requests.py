@@ -7,6 +7,7 @@ how a request is laid out in Redis, so the Lua scripts and Python agree on one s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -91,13 +92,20 @@ def requirement_names(profile: int) -> list[str]:
     return names
 
 
-def profile_of(names: object) -> int:
-    """The profile `requirement_names` named; ValueError for anything else."""
+@functools.cache
+def _requirement_bits() -> dict[str, int]:
     bits: dict[str, int] = {
         "network": Requirement.NETWORK,
         "external_power": Requirement.EXTERNAL_POWER,
     }
     bits.update({f"data_protection:{t}": t.level << 2 for t in FileProtectionType if t.level})
+    return bits
+
+
+def profile_of(names: object) -> int:
+    """The profile `requirement_names` named; ValueError for anything else (every run's
+    message is read through it)."""
+    bits = _requirement_bits()
     if not isinstance(names, list) or not all(name in bits for name in names):
         raise ValueError(f"not a list of requirement names: {names!r}")
     profile = 0
@@ -185,7 +193,8 @@ class BGTaskRequest:
         (`a`, attempts so far, 0; `pl`, the payload, null) and readers fill them in. Under
         64 bytes, a scope's small hash stays in Redis's compact listpack encoding. The
         script reads kind, profile and date where this text starts them, not with a JSON
-        parser (it is what a submit spends most on), and a FAIL strategy at its end.
+        parser (it is what a submit spends most on), and a FAIL strategy by its text. While
+        tracing is on, bgqueue.tracing appends `tp`, the submit span's traceparent.
         """
         self._check_fields()
         date = self.earliest_begin_date
@@ -300,7 +309,7 @@ class ContinuedProcessingTaskRequest(BGTaskRequest):
     def _extra_record(self) -> str:
         """Title, subtitle and strategy."""
         title, subtitle = json.dumps(self.title), json.dumps(self.subtitle)
-        # submit.lua reads the FAIL strategy at the end of the record: keep "sg" last.
+        # submit.lua finds the FAIL strategy by this text: keep it so.
         return f',"ti":{title},"su":{subtitle},"sg":"{self.strategy.value}"'
 
 

@@ -4,7 +4,9 @@ Three kinds of thread share a run, so that no user code can hold up the system's
 
 - the *body* (the pool process's main thread) runs the launch handler (bgqueue/body.py);
 - the *watchdog* renews the run's lease and, at the times the deadline sets, moves the run
-  through its phases and stops the body; it never runs user code;
+  through its phases and stops the body; it never runs user code. It is one thread per pool
+  process (`Watchdog`), kept between runs and woken only when a run has something due: a
+  short run ends before its first event and costs no thread switch at all;
 - *callback threads* run the user's expiration handler and suspend-delay callbacks
   (bgqueue/threads.py): one still running at the deadline does not move it.
 
@@ -31,20 +33,24 @@ lease is gone with its running record, so the watchdog no longer renews it.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import json
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bgqueue import conditions, efficiency, logs, metrics
+import redis
+
+from bgqueue import conditions, efficiency, logs, metrics, tracing
 from bgqueue.body import INTERRUPT_GRACE, Body, TaskTerminated
 from bgqueue.requests import Kind, State
 from bgqueue.tasks import TASK_CLASSES, BGTask, ContinuedProcessingTask
-from bgqueue.threads import call_user, threads
+from bgqueue.threads import call_user
 from bgqueue.transient import RunDelays
 
 if TYPE_CHECKING:
@@ -65,8 +71,22 @@ class WorkerContext:
     name: str = "worker"
     overrides: dict[str, str] = field(default_factory=dict)
     offset: float = 0.0  # Redis's clock minus this machine's, seconds (from heartbeats)
+    _offset_rtt: float = math.inf  # the round trip the offset was measured over
+    _offset_at: float = 0.0
     _probed: dict[str, str] = field(default_factory=dict)
     _probed_at: float = 0.0
+
+    def clock_read(self, server_ms: int, sent: float, received: float) -> None:
+        """Take in one reading of Redis's clock (whole ms), made between `sent` and
+        `received` on this machine's clock: their midpoint errs by at most half the round
+        trip. A slow round trip (the process was busy) would skew the ETAs of every run by
+        tens of ms, so a reading replaces the estimate only if its round trip is not much
+        slower than the estimate's, or the estimate is a minute old."""
+        rtt = received - sent
+        if rtt > 2 * self._offset_rtt + 0.001 and received - self._offset_at < 60:
+            return
+        self.offset = (server_ms + 0.5) / 1000 - (sent + received) / 2
+        self._offset_rtt, self._offset_at = rtt, received
 
     def conditions(self, max_age: float) -> dict[str, str]:
         """Current conditions, probed at most every `max_age` seconds."""
@@ -118,7 +138,9 @@ def _execute(
         )
     else:
         task = TASK_CLASSES[kind](*task_args)
-    return Run(app, task, kind, gen, profile).execute(app.handlers[identifier])
+    run = Run(app, task, kind, gen, profile)
+    with tracing.running(run, record):  # the run's span, while tracing is on
+        return run.execute(app.handlers[identifier])
 
 
 def release(app: BackgroundApp, identifier: str, scope: str, gen: int, profile: int) -> bool:
@@ -136,6 +158,23 @@ def release(app: BackgroundApp, identifier: str, scope: str, gen: int, profile: 
     return bool(app.call("release", script_keys, [scope, identifier, gen], wake=True))
 
 
+_run_clients: dict[str, tuple[int, Any]] = {}  # app id -> (pid, client)
+
+
+def _run_call(app: BackgroundApp, script: str, script_keys: list[str], args: list[Any]) -> Any:
+    """Call one of the run's scripts (start, finish) on this process's own connection to
+    Redis: a redis-py client with a single connection, held for good, skips the pool's
+    checkout and the check for unread data it makes before every command (three system
+    calls of each run's two round trips)."""
+    held = _run_clients.get(app.app_id)
+    if held is None or held[0] != os.getpid():
+        pool = app.client.connection_pool
+        client = redis.Redis(connection_pool=pool, single_connection_client=True)
+        held = _run_clients[app.app_id] = (os.getpid(), client)
+    with app.service():
+        return getattr(app.scripts, script)(keys=script_keys, args=args, client=held[1])
+
+
 def _start(app: BackgroundApp, scope: str, identifier: str, gen: int) -> Any:
     """start.lua: the running record's JSON, or None if the message is stale. A worker whose
     clock runs ahead of Redis's waits for the request's date on Redis's clock."""
@@ -143,7 +182,7 @@ def _start(app: BackgroundApp, scope: str, identifier: str, gen: int) -> Any:
     script_keys = [k.requests(scope), k.leases, k.running, k.runleases, k.counts, k.deadletter]
     lease_ms = int(app.settings.heartbeat_timeout * 1000)
     args = [scope, identifier, gen, context.name, lease_ms]
-    while isinstance(raw := app.call("start", script_keys, args), int):
+    while isinstance(raw := _run_call(app, "start", script_keys, args), int):
         time.sleep(raw / 1000)
     return raw or None
 
@@ -157,7 +196,7 @@ def finish(
     script_keys = [k.running, k.runleases, k.history(scope), k.expire, k.deadletter]
     state, success, reason = ended
     args = [gen, str(state), int(success), *app.settings.history, reason, identifier, kind, scope]
-    return bool(app.call("finish", script_keys, args))
+    return bool(_run_call(app, "finish", script_keys, args))
 
 
 class Phase(enum.Enum):
@@ -175,6 +214,8 @@ LIVE = (Phase.RUNNING, Phase.WARNED)  # no outcome recorded yet
 class Run:
     """One run of a handler: the body, its watchdog, and the phase they share."""
 
+    span: Any = None  # its OpenTelemetry span while tracing is on (bgqueue/tracing.py)
+
     def __init__(
         self, app: BackgroundApp, task: BGTask, kind: Kind, gen: int, profile: int
     ) -> None:
@@ -184,6 +225,7 @@ class Run:
         self.gen = gen
         self.profile = profile
         self.phase = Phase.RUNNING
+        self.context = contextvars.Context()  # the body's, once watched (Watchdog.watch)
         self.outcome: tuple[str, bool] | None = None
         self.reason = ""
         self._lock = threading.Lock()
@@ -193,8 +235,10 @@ class Run:
         self._budget = budget_of(app, kind)
         self._base = self._start + self._budget
         self._forced = math.inf
-        self._wake = threading.Event()  # the body returned or the delays changed
-        self.delays = RunDelays(app, task.scope, gen, self._base_deadline, self._wake.set)
+        self._interval = app.settings.heartbeat_interval
+        self._next_renew = self._start + self._interval
+        self._lead = efficiency.warning_lead(app, self._budget)  # CPU lifts the budget/5 cap
+        self.delays = RunDelays(app, task.scope, gen, self._base_deadline, watchdog.changed)
         task.app = app
         task.delays = self.delays
         task.guard = self.body.shielded
@@ -242,6 +286,7 @@ class Run:
         if self.body.returned.is_set() or self.body.interrupt_sent:
             return
         log.warning("terminating %s (run %s): %s", self.task.identifier, self.gen, why)
+        tracing.event(self.span, "terminated", {tracing.REASON: why})
         self._stopped_at = time.monotonic()
         self.body.interrupt()
 
@@ -249,7 +294,7 @@ class Run:
 
     def execute(self, handler: Any) -> dict[str, Any]:
         """Run the handler with a watchdog; returns the recorded outcome."""
-        threads.spawn(self._watch, f"bgqueue-watchdog {self.gen}")
+        watchdog.watch(self)
         failure = ""
         try:
             try:
@@ -268,8 +313,7 @@ class Run:
             # Returning without set_task_completed is taken as done: nothing is left to wait for.
             self._end(State.COMPLETED, True, "handler returned without set_task_completed")
         with self._lock:
-            self.phase = Phase.RETURNED
-        self._wake.set()
+            self.phase = Phase.RETURNED  # the watchdog lets the run go when it next looks
         state, success = self.outcome or ("completed", True)
         summary: dict[str, Any] = {"outcome": state, "success": success, "scope": self.task.scope}
         if self.reason:
@@ -280,25 +324,28 @@ class Run:
 
     # -- the watchdog -------------------------------------------------------------------
 
-    def _watch(self) -> None:
-        interval = self.app.settings.heartbeat_interval
-        lead = efficiency.warning_lead(self.app, self._budget)  # CPU lifts the budget/5 cap
-        next_renew = self._start + interval
-        while self.phase is not Phase.RETURNED:
-            wake_at = self._next_event(lead)
-            if self.phase in LIVE:  # once ENDED the lease is gone with the running record
-                wake_at = min(wake_at, next_renew)
-            self._sleep_until(wake_at)
-            now = time.monotonic()
-            if self.phase in LIVE and now >= next_renew:
-                next_renew = now + interval
-                self._check_in(now, lead)
-            for callback in self.delays.due_callbacks(now):
-                call_user(f"suspend-delay callback of {self.task.identifier}", callback)
-            if self._stopped_at + INTERRUPT_GRACE <= now:
-                self._kill()
-                return
-            self._on_time(now, lead)
+    def plan(self) -> float:
+        """When the watchdog next has to look at this run (monotonic)."""
+        wake_at = self._next_event(self._lead)
+        if self.phase in LIVE:  # once ENDED the lease is gone with the running record
+            wake_at = min(wake_at, self._next_renew)
+        return wake_at
+
+    def tick(self, now: float) -> bool:
+        """The watchdog's look at the run: take what is due. True once the run needs no
+        more looks (the body left the handler, or was killed)."""
+        if self.phase is Phase.RETURNED:
+            return True
+        if self.phase in LIVE and now >= self._next_renew:
+            self._next_renew = now + self._interval
+            self._check_in(now, self._lead)
+        for callback in self.delays.due_callbacks(now):
+            call_user(f"suspend-delay callback of {self.task.identifier}", callback)
+        if self._stopped_at + INTERRUPT_GRACE <= now:
+            self._kill()
+            return True
+        self._on_time(now, self._lead)
+        return False
 
     def _next_event(self, lead: float) -> float:
         """When the watchdog next has something to do, apart from renewing the lease."""
@@ -330,6 +377,8 @@ class Run:
 
     def _warn(self) -> None:
         handler = self.task.expiration_handler
+        forced = self._forced < math.inf  # simulated, or the requirements stopped holding
+        tracing.event(self.span, "expiration", tracing.expiration(handler is not None, forced))
         if handler is None:
             if self._end(State.COMPLETED, False, "no expiration handler set; ended unsuccessful"):
                 self._stop_body("no expiration handler set")
@@ -349,11 +398,6 @@ class Run:
         """The deadline now: the base one or the end of the latest transient delay,
         whichever is later, unless an expiration was forced."""
         return min(max(self._base_deadline(), self.delays.holds_until()), self._forced)
-
-    def _sleep_until(self, wake_at: float) -> None:
-        """Wait until `wake_at`, or until the body returns or the delays change."""
-        self._wake.wait(max(0.0, wake_at - time.monotonic()))
-        self._wake.clear()
 
     def _check_in(self, now: float, lead: float) -> None:
         """Renew the run's lease. As WorkManager stops work whose constraints fail, a task
@@ -390,3 +434,64 @@ class Run:
         self.reason = reason
         self.delays.settle()
         self._stop_body("its run was given up as lost")
+
+
+class Watchdog:
+    """A pool process's watchdog: one thread, kept between runs, serving the run in
+    progress (a pool process runs one at a time). It sleeps until that run's next event
+    (`Run.plan`) and then takes what is due (`Run.tick`); between runs it looks every IDLE
+    seconds. A run whose first event is later than the watchdog's next look does not wake
+    it, so a short run costs no thread switch."""
+
+    IDLE = 1.0  # seconds between looks while no run is in progress
+
+    def __init__(self) -> None:
+        self._pid = 0
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self._cond = threading.Condition()
+        self._run: Run | None = None
+        self._wake_at = math.inf  # when the thread next looks on its own
+
+    def watch(self, run: Run) -> None:
+        """Watch `run` from now on (the previous run has returned). The watchdog looks at it
+        in the caller's context, so that its log lines name the request."""
+        run.context = contextvars.copy_context()
+        if self._pid != os.getpid():  # forked: the parent's thread did not come along
+            self._fresh()
+            self._pid = os.getpid()
+            threading.Thread(target=self._loop, name="bgqueue-watchdog", daemon=True).start()
+        with self._cond:
+            self._run = run
+            if run.plan() < self._wake_at:
+                self._cond.notify()
+
+    def changed(self) -> None:
+        """The run's plan changed (its delays did): look again now."""
+        with self._cond:
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._run is not None and self._run.phase is Phase.RETURNED:
+                    self._run = None
+                run = self._run
+                self._wake_at = run.plan() if run else time.monotonic() + self.IDLE
+                self._cond.wait(max(0.0, self._wake_at - time.monotonic()))
+                run, self._wake_at = self._run, -math.inf  # awake: nobody needs to notify
+            if run is None:
+                continue
+            try:
+                done = run.context.run(run.tick, time.monotonic())
+            except Exception:  # the watchdog must outlive any one run's trouble
+                log.exception("watchdog of run %s failed", run.gen)
+                done = True
+            if done:
+                with self._cond:
+                    if self._run is run:
+                        self._run = None
+
+
+watchdog = Watchdog()

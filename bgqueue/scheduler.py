@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from bgqueue import keys
+from bgqueue import keys, tracing
 from bgqueue.errors import (
     ImmediateRunIneligible,
     NotPermitted,
@@ -73,6 +73,7 @@ class Scheduler:
         empty batch), with the keys of the places its requests go to. The script wakes
         beat itself; the call also names the app to beat (`announce`, once per process)."""
         limits = self.app.limits
+        traced = tracing.submitting(self.app.app_id, self.scope)  # None while tracing is off
         args: list[Any] = [
             limits.max_pending_refresh,
             limits.max_pending_processing,
@@ -84,6 +85,8 @@ class Scheduler:
         places = set()
         for request in batch:
             record, profile = self._check(request)
+            if traced is not None:
+                record = traced(request, record)
             args += (request.identifier, record)
             places.add(str(profile))
             if (

@@ -21,6 +21,7 @@ NAMES = (
     "unpark",
     "launch",
     "view",
+    "round",
     "lapsed",
     "start",
     "release",
@@ -62,7 +63,11 @@ INCLUDE = re.compile(r"^-- include: (\w+).*$", re.MULTILINE)
 
 def source(name: str) -> str:
     """The text of lua/NAME.lua with its includes spliced in."""
-    text = (FOLDER / f"{name}.lua").read_text()
+    return splice((FOLDER / f"{name}.lua").read_text())
+
+
+def splice(text: str) -> str:
+    """Lua text with each `-- include: NAME` line replaced by lua/include/NAME.lua."""
     return INCLUDE.sub(lambda found: (FOLDER / "include" / f"{found[1]}.lua").read_text(), text)
 
 

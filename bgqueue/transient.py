@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from bgqueue import tracing
 from bgqueue.errors import (
     ParameterError,
     TransientTaskCallerVerificationFailed,
@@ -129,6 +130,8 @@ class RunDelays:
     the watchdog when the delays change.
     """
 
+    span: Any = None  # the run's OpenTelemetry span while tracing is on (bgqueue/tracing.py)
+
     def __init__(
         self,
         app: BackgroundApp,
@@ -184,6 +187,7 @@ class RunDelays:
             ends = asked + actual / 1000
             lead = limits.warning_lead(actual / 1000)
             self._delays[request_id] = _Delay(ends, ends - lead, callback)
+        tracing.event(self.span, "suspend_delay", tracing.delay(request_id, actual, reason))
         self._changed()
         return DelaySuspendInfo(request_id, actual)
 
@@ -224,6 +228,7 @@ class RunDelays:
             # delay is over either way.
             self._call("cancel", self.gen, self._to_base_ms(), request_id)
             del self._delays[request_id]
+        tracing.event(self.span, "suspend_delay_cancelled", {tracing.DELAY_ID: request_id})
         self._changed()
 
     def _unknown(self, request_id: int) -> TransientTaskCallerVerificationFailed:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("bgqueue.worker")
 
 NAME_ENV = "BGQUEUE_WORKER_NAME"
+EVENTS_FLUSH_AFTER = 0.05  # seconds task events are gathered before they are published
 EXIT_NAME_TAKEN = 2  # the exit status of every bgqueue error (cli.run)
 CONDITIONS_ENV = "BGQUEUE_CONDITIONS"  # "key=value,key=value", set by `bgqueue worker --condition`
 CONTINUOUS_ENV = "BGQUEUE_CONTINUOUS"  # "1": serve continuous tasks, set by `--continuous`
@@ -211,6 +212,24 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
     names the queue and what was wrong, and the message goes to the app's dead letter
     (through `task_rejected`, `task_unknown` and `message_undecodable`)."""
 
+    _events_flush_due = False
+
+    def on_send_event_buffered(self) -> None:
+        # Celery flushes buffered task events on the event loop's next turn: a PUBLISH round
+        # trip that holds up the loop, for about every event (two per run). Gathered for up
+        # to EVENTS_FLUSH_AFTER they go in one message; Flower shows them that much later.
+        if self.hub and not self._events_flush_due:
+            self._events_flush_due = True
+            self.hub.call_later(EVENTS_FLUSH_AFTER, self._flush_gathered_events)
+
+    def _flush_gathered_events(self) -> None:
+        self._events_flush_due = False
+        self._flush_events()
+
+    def shutdown(self) -> None:
+        self._flush_events()  # the last events gathered, before the dispatcher closes
+        super().shutdown()
+
     def update_strategies(self) -> None:
         """Celery's strategies, guarded: a task message whose body has the wrong shape (say,
         an object where Celery expects [args, kwargs, embed]) raises in Celery's Request
@@ -291,6 +310,21 @@ class Channel(kombu_redis.Channel):
         # does not look, so mark its delivery_info as the unacked-hash restore would.
         message.delivery_info["redelivered"] = True
         return super()._restore(message, leftmost)  # type: ignore[no-untyped-call]
+
+    _sync: tuple[Any, Any] = (None, None)  # (pool, client) of _create_client
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        # kombu makes a redis-py client for every command it sends outside its event loop,
+        # such as each task event the worker publishes (three per run), and a redis-py
+        # client copies some hundred response callbacks when made: a third of the worker's
+        # main-process CPU per run. One client per pool serves them all (it is thread-safe).
+        if asynchronous:
+            return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+        pool, client = self._sync
+        if pool is not self.pool or client is None:
+            client = super()._create_client()  # type: ignore[no-untyped-call]
+            self._sync = (self.pool, client)
+        return client
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
@@ -582,11 +616,12 @@ class Heartbeat:
         }
         timeout_ms = int(self.app.settings.heartbeat_timeout * 1000)
         changed = found != self.last
+        sent = time.time()
         reply = self._heartbeat(json.dumps(beat), timeout_ms, wake=changed)
         if reply[0] == b"taken":
             holder: dict[str, Any] = json.loads(reply[1])
             return holder
-        runtime.context.offset = int(reply[1]) / 1000 - time.time()
+        runtime.context.clock_read(int(reply[1]), sent, time.time())
         if changed and self.last is not None:
             log.info("worker %s conditions now %s", runtime.context.name, found)
             if self.class_id != old_class:

@@ -57,9 +57,11 @@ def test_keys_and_memory_return_to_where_they_started_after_a_soak(
         start_info = client.info("memory")
 
         began = time.monotonic()
+        peak = []
         for n in range(SCOPES):
             app.scheduler_for(f"device-{n}").submit(bg.ProcessingTaskRequest(f"{APP_ID}.a"))
-        peak = [footprint(client)]
+            if n % 1000 == 999:  # the workers run them meanwhile: the peak is during the soak
+                peak.append(footprint(client))
         restart_workers(cluster, client, keys.alive)
 
         def all_ran() -> bool:
@@ -98,7 +100,7 @@ def test_keys_and_memory_return_to_where_they_started_after_a_soak(
             f"{RESTARTS} worker restarts ({ran:.0f} s): {peak_keys} keys, {peak_memory} B; "
             f"then {end_keys} keys, {end_memory} B"
         )
-        assert peak_keys > start_keys + SCOPES, "the soak did leave keys behind at first"
+        assert peak_keys > start_keys + SCOPES / 2, "the soak did leave keys behind at first"
         assert client.zcard(keys.alive) == 1  # the steady worker; the killed are forgotten
         # Of the per-worker queues and kombu's bindings of them, only the steady worker's.
         per_worker = {k.decode() for k in client.scan_iter(match=f"*bgqueue.{APP_ID}.worker.*")}

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 import bgqueue as bg
-from bgqueue import status
+from bgqueue import runtime, status
 from bgqueue.beat import Beat
 from bgqueue.metrics import pending_requests
 from tests.harness import APP_ID, Cluster, events, wait_for
@@ -748,3 +748,19 @@ def test_rolling_deploy_offers_a_request_only_to_a_worker_with_its_handler(
     assert (record.state, record.success, record.worker) == ("completed", True, "new")
     assert_holds(lambda: len(events(redis_client, "start", B)) == 1, 0.5, "one run of B")
     assert sample_app.scheduler.pending_task_requests() == []
+
+
+def test_a_slow_clock_reading_does_not_skew_the_eta_of_every_run() -> None:
+    """The worker moves each ETA by Redis's clock minus its own, read at each heartbeat. A
+    reading over a slow round trip (the worker's main process was busy) once set the
+    offset to the server's time minus the reply's arrival: 100 ms late here, so every run
+    would have started 100 ms late until the next heartbeat."""
+    context = runtime.WorkerContext()
+    context.clock_read(1_000_000, sent=1000.0, received=1000.002)  # 2 ms there and back
+    assert abs(context.offset) < 0.002
+    context.clock_read(1_001_050, sent=1001.0, received=1001.1)  # 100 ms: the loop was busy
+    assert abs(context.offset) < 0.002
+    context.clock_read(1_002_000, sent=1002.0, received=1002.001)  # fast again: taken
+    assert abs(context.offset) < 0.001
+    context.clock_read(1_065_000, sent=1065.0, received=1065.05)  # the estimate aged: taken
+    assert abs(context.offset) < 0.03

@@ -20,8 +20,12 @@
 --               profile (space-separated), for each identifier with any
 -- Returns a flat list, six values per claimed request: scope, identifier, generation,
 -- class, earliest-begin ms, ms it has been due since (max(e, t): when it became pending).
--- Foreign data met (a record that is not a request's, a key of the wrong type, a counter
--- that is not a number) is moved to the dead letter first, before any other write.
+--
+-- Two phases: everything is read first (each read also proves its key's type: deadletter
+-- include, `read`), foreign keys are moved aside, then everything is written, each key
+-- once: the records of a scope in one HSET, the counters in one HSET from the values read.
+-- A schedule entry that names no pending request of this profile is dropped into the dead
+-- letter (and a record that is not a request's with it).
 
 -- include: deadletter
 -- include: requests
@@ -36,79 +40,120 @@ for a = 6 + n, #ARGV, 2 do
   routes[ARGV[a]] = classes
 end
 
--- Make every key and counter sound before the first real write.
-local wanted = {[DUE] = 'zset', [LEASES] = 'zset', [SEQ] = 'string', [COUNTS] = 'hash',
-                [PARKED] = 'zset'}
-for i = 1, n do wanted[KEYS[5 + 2 * i]] = 'hash' end
-for key, kind in pairs(wanted) do dead_letter_key(DL, key, kind, 'claim met a key') end
-for i = 1, n do
-  sound_schedule(DL, KEYS[5 + 2 * i], KEYS[6 + 2 * i], DUE, ARGV[5 + i], profile, 'claim met a key')
+-- 1. Read: each scope's due identifiers and their records.
+local function due_entries(scope)
+  scope.ids = read('zset', 'ZRANGEBYSCORE', scope.sched, '-inf', horizon, 'LIMIT', 0, scope.most)
+  scope.raws = {}
+  if scope.ids and #scope.ids > 0 then
+    scope.raws = read('hash', 'HMGET', scope.req, unpack(scope.ids)) or {}
+  end
 end
-local seq = redis.call('GET', SEQ)
-if seq and not string.match(seq, '^%d+$') then
-  -- Generations must never repeat: start again above any counter this app can have reached.
+
+probe('zset', DUE)
+probe('zset', LEASES)
+probe('zset', PARKED)
+local seq = read('string', 'GET', SEQ)
+local scopes, seen = {}, 0
+for i = 1, n do
+  local scope = {name = ARGV[5 + i], req = KEYS[5 + 2 * i], sched = KEYS[6 + 2 * i]}
+  scope.most = most - seen
+  due_entries(scope)
+  seen = seen + #(scope.ids or {})
+  scopes[i] = scope
+  if seen >= most then break end
+end
+move_foreign(DL, 'claim met a key')
+for _, scope in ipairs(scopes) do
+  if not scope.ids then  -- its schedule was not a schedule: moved aside, rebuilt, read again
+    rebuild_schedule(scope.req, scope.sched, DUE, scope.name, profile)
+    due_entries(scope)
+    move_foreign(DL, 'claim met a key')
+  end
+end
+-- Generations must never repeat: a counter that was not one starts again above any value
+-- this app can have reached (one of another type was moved aside above).
+if seq == nil or (seq and not string.match(seq, '^%d+$')) then
   redis.call('SET', SEQ, now)
-  dead_letter(DL, SEQ, 'generation counter is not a number; restarted above it', seq)
-end
-local fields = {}
-for kind in pairs(REQUEST_KINDS) do
-  for _, place in ipairs({profile, 'parked', 'dispatched'}) do
-    fields[#fields + 1] = kind .. ':' .. place
-  end
-end
-fix_counters(DL, COUNTS, fields, nil)
-
--- The pending record of a scheduled identifier, or nil: a schedule entry naming no record,
--- or a record that is not a pending request's of this profile, is dropped and kept in the
--- dead letter.
-local function pending_record(req, sched, id)
-  local raw = string.sub(id, 1, 1) ~= '#' and redis.call('HGET', req, id)  -- '#': counters
-  local rec, why = nil, 'schedule entry names no request record'
-  if raw then rec, why = request_record(raw) end
-  if rec and (rec['s'] ~= 'pending' or rec['r'] ~= profile) then
-    why = 'schedule entry of a request not pending in profile ' .. profile .. ' (' .. rec['s']
-      .. ' in profile ' .. rec['r'] .. ')'
-    rec = nil
-  elseif raw and not rec then
-    redis.call('HDEL', req, id)  -- not a request's: it counted for nothing, or recount
-    recount(req)
-  end
-  if not rec then
-    redis.call('ZREM', sched, id)
-    dead_letter(DL, sched .. ' ' .. id, why, raw or id)
-  end
-  return rec
+  if seq then dead_letter(DL, SEQ, 'generation counter is not a number; restarted above it', seq) end
 end
 
-local out, claimed = {}, 0
-for i = 1, n do
-  local scope, req, sched = ARGV[5 + i], KEYS[5 + 2 * i], KEYS[6 + 2 * i]
-  local due = redis.call('ZRANGEBYSCORE', sched, '-inf', horizon, 'LIMIT', 0, most - claimed)
-  for _, id in ipairs(due) do
-    local rec = pending_record(req, sched, id)
+-- 2. Decide, per entry: dispatch, park, or drop (not a pending request of this profile).
+local deltas, dispatching = {}, 0
+local function tally(field, by) deltas[field] = (deltas[field] or 0) + by end
+for _, scope in ipairs(scopes) do
+  scope.recs = {}
+  for j, id in ipairs(scope.ids) do
+    local raw = string.sub(id, 1, 1) ~= '#' and scope.raws[j]  -- '#': counters
+    local rec, why = nil, 'schedule entry names no request record'
+    if raw then rec, why = request_record(raw) end
+    local delete = raw and not rec  -- not a request's: it counted for nothing, or recount
+    if rec and (rec['s'] ~= 'pending' or rec['r'] ~= profile) then
+      why = 'schedule entry of a request not pending in profile ' .. profile .. ' (' .. rec['s']
+        .. ' in profile ' .. rec['r'] .. ')'
+      rec = nil  -- the record stays: only the entry was wrong
+    end
+    scope.recs[j] = rec or {drop = why, raw = raw, delete = delete}
     if rec then
-      redis.call('ZREM', sched, id)
-      count(COUNTS, rec, profile, -1)
-      local classes = routes[id]
-      if not classes then
-        rec['s'] = 'parked'
-        redis.call('ZADD', PARKED, rec['e'], profile .. '\31' .. scope .. '\31' .. id)
-      else
-        rec['s'], rec['g'] = 'dispatched', redis.call('INCR', SEQ)
-        rec['q'] = classes[rec['g'] % #classes + 1]
-        local date = rec['x'] and 0 or rec['e']  -- x: a simulated launch waived the date
-        redis.call('ZADD', LEASES, math.max(date, now) + lease, scope .. '\31' .. id)
-        local since = math.max(date, rec['t'] or 0)
-        for _, value in ipairs({scope, id, rec['g'], rec['q'], date, since}) do
-          out[#out + 1] = value
-        end
-        claimed = claimed + 1
-      end
-      count(COUNTS, rec, rec['s'], 1)
-      redis.call('HSET', req, id, cjson.encode(rec))
+      rec['s'] = routes[id] and 'dispatched' or 'parked'
+      if routes[id] then dispatching = dispatching + 1 end
+      tally(rec['k'] .. ':' .. profile, -1)
+      tally(rec['k'] .. ':' .. rec['s'], 1)
     end
   end
-  reindex(DUE, sched, scope)
-  if claimed >= most then break end
 end
+local fields = {}
+for field in pairs(deltas) do fields[#fields + 1] = field end
+local counted = #fields > 0 and read('hash', 'HMGET', COUNTS, unpack(fields)) or {}
+move_foreign(DL, 'claim met a key')
+
+-- 3. Write.
+local gen = 0
+if dispatching > 0 then gen = redis.call('INCRBY', SEQ, dispatching) - dispatching end
+local out, leases, parked = {}, {}, {}
+for _, scope in ipairs(scopes) do
+  local records, dropped = {}, {}
+  for j, id in ipairs(scope.ids) do
+    local rec = scope.recs[j]
+    if rec.drop then
+      if rec.delete then
+        redis.call('HDEL', scope.req, id)
+        recount(scope.req)
+      end
+      dead_letter(DL, scope.sched .. ' ' .. id, rec.drop, rec.raw or id)
+    elseif rec['s'] == 'parked' then
+      parked[#parked + 1] = rec['e']
+      parked[#parked + 1] = profile .. '\31' .. scope.name .. '\31' .. id
+    else
+      gen = gen + 1
+      local classes = routes[id]
+      rec['g'], rec['q'] = gen, classes[gen % #classes + 1]
+      local date = rec['x'] and 0 or rec['e']  -- x: a simulated launch waived the date
+      leases[#leases + 1] = math.max(date, now) + lease
+      leases[#leases + 1] = scope.name .. '\31' .. id
+      for _, value in ipairs({scope.name, id, gen, rec['q'], date, math.max(date, rec['t'] or 0)}) do
+        out[#out + 1] = value
+      end
+    end
+    if not rec.drop then
+      records[#records + 1] = id
+      records[#records + 1] = cjson.encode(rec)
+    end
+  end
+  if #scope.ids > 0 then redis.call('ZREM', scope.sched, unpack(scope.ids)) end
+  reindex(DUE, scope.sched, scope.name)  -- also drops an index entry with nothing behind it
+  if #records > 0 then redis.call('HSET', scope.req, unpack(records)) end
+end
+if #leases > 0 then redis.call('ZADD', LEASES, unpack(leases)) end
+if #parked > 0 then redis.call('ZADD', PARKED, unpack(parked)) end
+local set, zero = {}, {}
+for i, field in ipairs(fields) do
+  local value = counter_value(DL, COUNTS, field, counted[i]) + deltas[field]
+  if value > 0 then
+    set[#set + 1], set[#set + 2] = field, value
+  else
+    zero[#zero + 1] = field
+  end
+end
+if #set > 0 then redis.call('HSET', COUNTS, unpack(set)) end
+if #zero > 0 then redis.call('HDEL', COUNTS, unpack(zero)) end
 return out

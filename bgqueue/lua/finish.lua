@@ -15,6 +15,7 @@
 --          not bgqueue's (it is dead-lettered then)
 -- Returns 1, or 0 if the run had already been given up as lost and requeued
 -- (the request then runs twice: at-least-once).
+-- Every key is read before the first write (deadletter include: read, move_foreign).
 
 -- include: deadletter
 -- include: requests
@@ -22,9 +23,11 @@
 
 local RUNNING, RUNLEASES, HISTORY, EXPIRE, DL = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local gen = ARGV[1]
-local wanted = {[RUNNING] = 'hash', [RUNLEASES] = 'zset', [HISTORY] = 'list', [EXPIRE] = 'set'}
-for key, kind in pairs(wanted) do dead_letter_key(DL, key, kind, 'finish met a key') end
-local raw = redis.call('HGET', RUNNING, gen)
+local raw = read('hash', 'HGET', RUNNING, gen)
+read('zset', 'ZSCORE', RUNLEASES, gen)
+local expiring = read('set', 'SISMEMBER', EXPIRE, gen)
+local last = read('list', 'LINDEX', HISTORY, -1)
+move_foreign(DL, 'finish met a key')
 if not raw then return 0 end
 local ok, rec = pcall(cjson.decode, raw)
 if not ok or type(rec) ~= 'table' then
@@ -33,9 +36,9 @@ if not ok or type(rec) ~= 'table' then
 end
 redis.call('HDEL', RUNNING, gen)
 redis.call('ZREM', RUNLEASES, gen)
-redis.call('SREM', EXPIRE, gen)
+if expiring == 1 then redis.call('SREM', EXPIRE, gen) end
 remember(HISTORY, {
   i = rec['i'], sc = rec['sc'], k = rec['k'], s = ARGV[2], ok = ARGV[3] == '1',
   sa = rec['sa'], fa = now, w = rec['w'], g = rec['g'], a = rec['a'], why = ARGV[6]},
-  ARGV[4], ARGV[5])
+  ARGV[4], ARGV[5], last or nil)
 return 1

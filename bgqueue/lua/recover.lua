@@ -65,7 +65,7 @@ end
 fix_counters(DL, COUNTS, {rec['k'] .. ':' .. rec['r']}, nil)
 local pending = {k = rec['k'], s = 'pending', r = rec['r'], e = rec['e'], a = rec['a'] + 1,
                  pl = rec['pl'], t = now, ti = rec['ti'], su = rec['su'], sg = rec['sg'],
-                 x = rec['x']}
+                 x = rec['x'], tp = rec['tp']}  -- tp: the producer's span (bgqueue/tracing.py)
 redis.call('HSET', REQ, id, cjson.encode(pending))
 schedule(DUE, SCHED, scope, id, rec['x'] and 0 or rec['e'])  -- x: launched by simulation
 count(COUNTS, pending, rec['r'], 1)

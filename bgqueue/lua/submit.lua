@@ -26,7 +26,8 @@
 -- ARGV[6]       the places whose keys are passed, space-separated
 -- ARGV[7..]     two values per request: identifier, record JSON as requests.py writes it:
 --               it starts {"k":kind,"s":"pending","r":profile,"e":earliest-begin ms, which
---               the script reads there, and a FAIL strategy ends it ,"sg":"fail"}
+--               the script reads there; a FAIL strategy holds ,"sg":"fail" (text that
+--               cannot occur inside a JSON string, where every quote is escaped)
 -- Returns how many stored requests it replaced, or why it wrote nothing: {'limit', index
 -- (0-based, in the batch), class}, {'busy', profile, free slots}, {'places', names} (see
 -- above), or {'foreign', key, type} when a key it would write holds another type.
@@ -157,7 +158,7 @@ for _, a in ipairs(order) do
     local k, r
     k, r, begin = string.match(rec, HEAD)
     p, score, field, class = tonumber(r), tonumber(begin), k .. ':' .. r, class_of(k)
-    fail = k == 'continued_processing' and string.sub(rec, -13) == ',"sg":"fail"}'
+    fail = k == 'continued_processing' and string.find(rec, ',"sg":"fail"', 1, true) ~= nil
     given, stored = rec, rec
     if score < now then stored = string.sub(rec, 1, -2) .. stamp end
   end

@@ -14,6 +14,12 @@
 -- wrong_type(wanted): for a table key -> type, the first key holding another type (and
 -- that type), or nil: a script checks what it will write before its first write, since
 -- one that fails half-way keeps what it wrote.
+-- read(kind, command, key, ...): a read that also proves `key` holds a `kind` (or nothing),
+-- for the price of the read: on an error (another type) it notes the key in `foreign` and
+-- returns nil, which callers take as "missing"; probe(kind, key) is the cheapest such read,
+-- for a key a script writes without reading. move_foreign(dl, why) then moves every
+-- noted key aside before the script's first write, so no write can meet another type. A
+-- script that reads every key it writes this way needs no TYPE call when all is well.
 
 local DEAD_LETTER_CAP, DEAD_LETTER_RAW = 1000, 4096
 local DEAD_LETTER_TTL = 7 * 86400000  -- ms after its newest entry the list goes
@@ -84,4 +90,27 @@ local function wrong_type(wanted)
     if found ~= 'none' and found ~= kind then return k, found end
   end
   return nil
+end
+
+local foreign = {}
+
+local function read(kind, command, key, ...)
+  local reply = redis.pcall(command, key, ...)
+  if type(reply) == 'table' and reply['err'] then
+    foreign[key] = kind
+    return nil
+  end
+  return reply
+end
+
+-- A read that only proves a key's type (O(1)), for a key written but not otherwise read.
+local PROBES = {hash = 'HLEN', zset = 'ZCARD', list = 'LLEN', set = 'SCARD', string = 'STRLEN'}
+
+local function probe(kind, key)
+  return read(kind, PROBES[kind], key)
+end
+
+local function move_foreign(dl, why)
+  for key, kind in pairs(foreign) do dead_letter_key(dl, key, kind, why) end
+  foreign = {}
 end

@@ -79,6 +79,20 @@ end
 
 -- The scope's limit counters recounted from its records (foreign records are skipped:
 -- whoever meets them dead-letters them).
+-- A counter as read (with `read`: nil when missing or foreign), as a number to write back
+-- whole: one that is not an integer is dead-lettered and taken as 0. Scripts on the hot
+-- path read their counters and write the new values (set_counter) instead of HINCRBY, so
+-- that foreign data found in a counter can never make a write fail half-way.
+local function counter_value(dl, hash, field, raw)
+  if is_integer(raw or false) then return tonumber(raw) or 0 end
+  dead_letter(dl, hash .. ' ' .. field, 'counter is not an integer; reset', raw)
+  return 0
+end
+
+local function set_counter(hash, field, n)
+  if n > 0 then redis.call('HSET', hash, field, n) else redis.call('HDEL', hash, field) end
+end
+
 local function recount(req)
   local held = {refresh = 0, processing = 0}
   local all = redis.call('HGETALL', req)
@@ -117,19 +131,23 @@ local function fix_counters(dl, counts, fields, req)
   end
 end
 
--- A schedule key of another type is moved to the dead letter; the scope's pending requests
--- of that profile are put back on a fresh one from their records (the records are what a
--- request is; the schedule only orders them). Returns whether it had to.
-local function sound_schedule(dl, req, sched, due, scope, profile, why)
-  if not dead_letter_key(dl, sched, 'zset', why) then return false end
-  if redis.call('TYPE', req)['ok'] == 'hash' then
-    local all = redis.call('HGETALL', req)
-    for i = 1, #all, 2 do
-      local rec = string.sub(all[i], 1, 1) ~= '#' and request_record(all[i + 1])
-      if rec and rec['s'] == 'pending' and rec['r'] == profile then
-        schedule(due, sched, scope, all[i], rec['x'] and 0 or rec['e'])
-      end
+-- rebuild_schedule puts the scope's pending requests of a profile back on its (fresh)
+-- schedule from their records: the records are what a request is; the schedule only orders
+-- them. sound_schedule moves a schedule key of another type to the dead letter and rebuilds
+-- it; it returns whether it had to.
+local function rebuild_schedule(req, sched, due, scope, profile)
+  if redis.call('TYPE', req)['ok'] ~= 'hash' then return end
+  local all = redis.call('HGETALL', req)
+  for i = 1, #all, 2 do
+    local rec = string.sub(all[i], 1, 1) ~= '#' and request_record(all[i + 1])
+    if rec and rec['s'] == 'pending' and rec['r'] == profile then
+      schedule(due, sched, scope, all[i], rec['x'] and 0 or rec['e'])
     end
   end
+end
+
+local function sound_schedule(dl, req, sched, due, scope, profile, why)
+  if not dead_letter_key(dl, sched, 'zset', why) then return false end
+  rebuild_schedule(req, sched, due, scope, profile)
   return true
 end
