@@ -19,7 +19,14 @@ import redis
 
 from bgqueue import continuous as continuous_tasks
 from bgqueue import efficiency, transient, works
-from bgqueue.broker import connect, connect_async, resolve_broker_url, service_errors
+from bgqueue.broker import (
+    SERVICE_ERRORS,
+    connect,
+    connect_async,
+    resolve_broker_url,
+    service_error,
+    service_errors,
+)
 from bgqueue.errors import NotPermitted, NotSystemApp, ParameterError
 from bgqueue.model import keys
 from bgqueue.model.limits import Limits
@@ -161,27 +168,39 @@ class BackgroundApp:
         announce: bool = False,
     ) -> Any:
         """Run one Lua script; with `wake`, also wake beat, and with `announce`, also name
-        the app in `bgqueue:apps` (so that submitting alone makes an app known to beat),
-        in the same round trip.
+        the app in `bgqueue:apps` unless this process did already (so that submitting alone
+        makes an app known to beat), in the same round trip.
 
         Neither extra touches the app's keys: a refused call still changes nothing of them.
         """
-        lua = getattr(self.scripts, script)
-        with service_errors(self.broker_url):
-            if not (wake or announce):
-                return lua(keys=script_keys, args=args)
+        client = self.client
+        announce = announce and not self._announced
+        digest = sha(script)
+        try:  # as service_errors, without a context manager per call
             try:
-                return self._evalsha_and(lua.sha, script_keys, args, wake, announce)
+                reply = self._evalsha_and(client, digest, script_keys, args, wake, announce)
             except redis.exceptions.NoScriptError:  # Redis restarted: its script cache is empty
-                self.client.script_load(lua.script)
-                return self._evalsha_and(lua.sha, script_keys, args, wake, announce)
+                client.script_load(source(script))
+                reply = self._evalsha_and(client, digest, script_keys, args, wake, announce)
+        except SERVICE_ERRORS as exc:
+            raise service_error(self.broker_url, exc) from exc
+        self._announced = self._announced or announce
+        return reply
 
     def _evalsha_and(
-        self, sha: str, script_keys: Sequence[str], args: Sequence[Any], wake: bool, announce: bool
+        self,
+        client: Any,
+        digest: str,
+        script_keys: Sequence[str],
+        args: Sequence[Any],
+        wake: bool,
+        announce: bool,
     ) -> Any:
+        if not (wake or announce):
+            return client.evalsha(digest, len(script_keys), *script_keys, *args)
         # EVALSHA by hand: redis-py's pipelined scripts cost a SCRIPT EXISTS round trip each.
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.evalsha(sha, len(script_keys), *script_keys, *args)
+        with client.pipeline(transaction=False) as pipe:
+            pipe.evalsha(digest, len(script_keys), *script_keys, *args)
             if wake:
                 pipe.publish(keys.BEAT_WAKE, self.app_id)
             if announce:
@@ -193,8 +212,8 @@ class BackgroundApp:
         return service_errors(self.broker_url)
 
     def announce(self) -> None:
-        """Make the app known to beat, once per process (workers; producers name the app
-        with every submit)."""
+        """Make the app known to beat, once per process (workers; a producer's first submit
+        names the app in the same round trip)."""
         if not self._announced:
             with service_errors(self.broker_url):
                 self.client.sadd(keys.APPS, self.app_id)
@@ -243,13 +262,16 @@ class BackgroundApp:
         """`call` from an event loop: EVALSHA on the loop's client, the same extras in the
         same round trip, the same errors."""
         client = await self.aclient()
+        announce = announce and not self._announced
         digest = sha(script)
         with service_errors(self.broker_url):
             try:
-                return await self._aevalsha_and(client, digest, script_keys, args, wake, announce)
+                reply = await self._aevalsha_and(client, digest, script_keys, args, wake, announce)
             except redis.exceptions.NoScriptError:  # Redis restarted: its script cache is empty
                 await client.script_load(source(script))
-                return await self._aevalsha_and(client, digest, script_keys, args, wake, announce)
+                reply = await self._aevalsha_and(client, digest, script_keys, args, wake, announce)
+        self._announced = self._announced or announce
+        return reply
 
     async def _aevalsha_and(
         self,

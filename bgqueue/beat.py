@@ -151,6 +151,7 @@ class Beat:
         wakes.subscribe(keys.BEAT_WAKE)
         self._seen_classes.clear()  # a new leader looks at parked requests afresh
         self._routes.clear()  # and writes the routes it sees
+        self.discover()
         try:
             while not self.stopping.is_set():
                 if time.monotonic() >= renew_at:
@@ -191,11 +192,30 @@ class Beat:
 
     def apps(self) -> list[keys.AppKeys]:
         """Keys of every app that has submitted or run work on this broker. The index is
-        read again once per sweep interval: in between, wake-ups name the apps that submit."""
+        read again once per sweep interval: in between, wake-ups name the apps that submit.
+        An app beat knows but the index lost (a restore, a hand-edit) is named there again:
+        a producer names its app once per process."""
         if time.monotonic() - self._apps_read_at >= self.settings.sweep_interval:
-            self.known_apps |= {raw.decode() for raw in self.client.smembers(keys.APPS)}
+            named = {raw.decode() for raw in self.client.smembers(keys.APPS)}
+            if self.known_apps - named:
+                self.client.sadd(keys.APPS, *(self.known_apps - named))
+            self.known_apps |= named
             self._apps_read_at = time.monotonic()
         return [keys.AppKeys(app_id) for app_id in sorted(self.known_apps)]
+
+    def discover(self) -> None:
+        """Name in `bgqueue:apps` every app with requests waiting (its counts exist). A
+        producer names its app once per process, and its submits' wake-ups reach a beat that
+        leads; so an app beat forgot, that submitted while no beat led, is found here, when
+        a beat takes the lead: one SCAN of the keyspace."""
+        found = set()
+        for name in self.client.scan_iter(match=keys.COUNTS_PATTERN, count=1000):
+            app_id = keys.app_of(name.decode(errors="replace"))
+            if app_id is not None:
+                found.add(app_id)
+        if found:
+            self.client.sadd(keys.APPS, *found)
+            self.known_apps |= found
 
     def dispatch(self) -> float:
         """One pass: a bounded share of each app's due work, apps in turn. Returns seconds

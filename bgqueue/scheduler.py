@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from bgqueue.model.context import AppContext as BackgroundApp
 
 
+# submit.lua's ARGV, 0-based: where the places and the requests (two values each) are.
+_PLACES, _REQUESTS = 5, 6
+
+
 class Scheduler:
     """Submit, list, cancel and inspect the requests of one scope of an app."""
 
@@ -56,52 +60,76 @@ class Scheduler:
 
     def submit_many(self, requests: Iterable[BGTaskRequest]) -> None:
         """Schedule a batch atomically: every request is accepted, or none is."""
-        batch = list(requests)
-        call = self._submit_call(batch)
-        if call is not None:
-            self._submit_result(batch, self.app.call(*call))
+        call = self._submit_call(list(requests))
+        while call is not None:
+            call = self._submit_result(call, self.app.call(*call))
 
     async def asubmit_many(self, requests: Iterable[BGTaskRequest]) -> None:
         """`submit_many` from an event loop, without blocking it."""
-        batch = list(requests)
-        call = self._submit_call(batch)
-        if call is not None:
-            self._submit_result(batch, await self.app.acall(*call))
+        call = self._submit_call(list(requests))
+        while call is not None:
+            call = self._submit_result(call, await self.app.acall(*call))
 
     def _submit_call(self, batch: list[BGTaskRequest]) -> ScriptCall | None:
         """Check every request of the batch and build its submit.lua call (None for an
-        empty batch). The script wakes beat itself; the call also names the app to beat
-        (`announce`), so that submitting alone makes an app known."""
-        app_keys = self.app.keys
+        empty batch), with the keys of the places its requests go to. The script wakes
+        beat itself; the call also names the app to beat (`announce`, once per process)."""
         limits = self.app.limits
-        requests_args: list[Any] = []
         traced = tracing.submitting(self.app.app_id, self.scope)  # None while tracing is off
-        for request in batch:
-            record, profile, begin = self._check(request)
-            if traced is not None:
-                record = traced(request, record)
-            requests_args += [request.identifier, record, profile, begin, request.kind]
-        if not batch:
-            return None
         args: list[Any] = [
             limits.max_pending_refresh,
             limits.max_pending_processing,
             self.scope,
             keys.BEAT_WAKE,
             self.app.app_id,
-            _must_start_now(batch),
-            *requests_args,
+            "",  # the places, set by _placed
         ]
-        script_keys = [*app_keys.due_all, *app_keys.sched_all(self.scope)]
-        script_keys += [app_keys.requests(self.scope), app_keys.leases, app_keys.parked]
-        script_keys += [app_keys.counts, app_keys.deadletter]
-        script_keys += [app_keys.workers, app_keys.alive, app_keys.running, app_keys.classes]
+        places = set()
+        for request in batch:
+            record, profile = self._check(request)
+            if traced is not None:
+                record = traced(request, record)
+            args += (request.identifier, record)
+            places.add(str(profile))
+            if (
+                isinstance(request, ContinuedProcessingTaskRequest)
+                and request.strategy is ContinuedProcessingStrategy.FAIL
+            ):
+                places.add("slots")  # it must start now: free slots are counted
+        if not batch:
+            return None
+        return self._placed(args, list(places))
+
+    def _placed(self, args: list[Any], places: list[str]) -> ScriptCall:
+        """The submit.lua call of these arguments with the keys of these places (the
+        script's header names them)."""
+        app_keys = self.app.keys
+        script_keys = [app_keys.requests(self.scope), app_keys.counts]
+        for place in places:
+            if place.isdigit():  # a profile
+                profile = int(place)
+                script_keys += [app_keys.due_all[profile], app_keys.sched(profile, self.scope)]
+            elif place == "parked":
+                script_keys.append(app_keys.parked)
+            elif place == "dispatched":
+                script_keys.append(app_keys.leases)
+            elif place == "deadletter":
+                script_keys.append(app_keys.deadletter)
+            else:  # slots
+                script_keys += [app_keys.workers, app_keys.alive, app_keys.running]
+                script_keys += [app_keys.classes, app_keys.leases]
+        args[_PLACES] = " ".join(places)
         return ScriptCall("submit", script_keys, args, announce=True)
 
-    def _submit_result(self, batch: list[BGTaskRequest], result: list[Any]) -> None:
-        """Return if submit.lua accepted the batch, else raise why it did not."""
-        if result[0] == b"ok":
-            return
+    def _submit_result(self, call: ScriptCall, result: int | list[Any]) -> ScriptCall | None:
+        """None if submit.lua accepted the batch; the call again with more keys if the
+        script asked for them (what a request it replaces needs, the dead letter); else
+        raise why it refused the batch."""
+        if isinstance(result, int):  # how many it replaced
+            return None
+        if result[0] == b"places":
+            places = call.args[_PLACES].split() + result[1].decode().split()
+            return self._placed(list(call.args), places)
         if result[0] == b"foreign":
             raise _foreign(result, "nothing was scheduled")
         if result[0] == b"busy":
@@ -113,24 +141,24 @@ class Scheduler:
             )
         index, kind = int(result[1]), result[2].decode()
         allowed = getattr(self.app.limits, f"max_pending_{kind}")
+        identifier = call.args[_REQUESTS + 2 * index]
         raise TooManyPendingTaskRequests(
             f"scope {self.scope!r} already has {allowed} pending {kind} request(s); "
-            f"{batch[index].identifier!r} was not scheduled (nothing in the batch was). "
+            f"{identifier!r} was not scheduled (nothing in the batch was). "
             "Cancel one or wait for it to run."
         )
 
-    def _check(self, request: BGTaskRequest) -> tuple[str, int, int]:
-        """The request's record, profile and earliest-begin ms, once it is valid and
-        permitted."""
+    def _check(self, request: BGTaskRequest) -> tuple[str, int]:
+        """The request's record and profile, once it is valid and permitted."""
         if not isinstance(request, BGTaskRequest):
             raise ParameterError(f"expected a task request, got {type(request).__name__}")
-        record = request.record()
+        record, profile, _ = request.record()
         if not self.app.is_permitted(request.identifier):
             raise NotPermitted(
                 f"identifier {request.identifier!r} is not in the permitted identifiers of "
                 f"{self.app.app_id!r}; add it to BackgroundApp(permitted_identifiers=...)"
             )
-        return record
+        return record, profile
 
     def cancel(self, identifier: str) -> bool:
         """Cancel the not-yet-started request with this identifier; True if there was one."""
@@ -231,17 +259,6 @@ def _runs(raw: bytes, scope: str, identifier: str) -> bool:
         return bool(record["sc"] == scope and record["i"] == identifier)
     except (ValueError, KeyError, TypeError):
         return False
-
-
-def _must_start_now(batch: list[BGTaskRequest]) -> str:
-    """submit.lua's list of the continued-processing requests with the FAIL strategy, which
-    need a free slot each, now: 'profile identifier' pairs."""
-    return " ".join(
-        f"{request.profile} {request.identifier}"
-        for request in batch
-        if isinstance(request, ContinuedProcessingTaskRequest)
-        and request.strategy is ContinuedProcessingStrategy.FAIL
-    )
 
 
 def _copies(raw: dict[bytes, bytes]) -> list[BGTaskRequest]:

@@ -329,11 +329,11 @@ def test_foreign_data_is_unavailable_on_both_paths(
 ) -> None:
     """A key of the wrong type: the script's refusal and Redis's WRONGTYPE are Unavailable."""
     app.scheduler.submit(job("existing"))
-    redis_client.set(app.keys.leases, "not a sorted set")
+    redis_client.set(app.keys.due(0), "not a sorted set")
     redis_client.set(app.keys.history("other"), "not a list")
     before = snapshot(redis_client)
     calls = [
-        (app.scheduler, "submit", [job("existing")]),  # replacing it would write leases
+        (app.scheduler, "submit", [job("existing")]),  # replacing it would write due:0
         (app.scheduler, "cancel_all", []),
         (app.scheduler_for("other"), "history", []),  # WRONGTYPE from Redis itself
     ]

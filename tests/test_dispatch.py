@@ -1,7 +1,8 @@
 """Beat shares itself fairly and keeps dates: a burst in one requirement profile, or in one
 app, makes no other profile's or app's requests late; a request due within the dispatch
 window is sent ahead and started on its date by the worker, while a cancel or a replace
-inside the window still wins; an app beat has forgotten is known again by submitting.
+inside the window still wins; an app beat has forgotten is known again by submitting, or
+found by the next beat to lead when it submitted while none led.
 
 Real beat and worker processes on the test Redis; lateness is a start event's time (the
 worker's clock, this machine) less the request's earliest-begin date.
@@ -146,8 +147,8 @@ def test_submitting_makes_an_app_known_to_beat(
     cluster: Cluster, redis_url: str, redis_client: redis.Redis
 ) -> None:
     """An app whose entry in bgqueue:apps was lost (a restore, a hand-edit) is served again
-    as soon as it submits: the submit names it, and beat also learns it from the wake-up.
-    (Before, beat ignored its requests until some process of the app restarted.)"""
+    as soon as it submits: beat learns it from the wake-up (or still knows it) and names it
+    there again. (Before, beat ignored its requests until some process of the app restarted.)"""
     app = producer(redis_url)
     cluster.worker("w1", concurrency=1)
     cluster.beat()
@@ -156,4 +157,27 @@ def test_submitting_makes_an_app_known_to_beat(
     redis_client.srem(keys.APPS, APP_ID)
     app.scheduler.submit(bg.ProcessingTaskRequest(P + "b"))
     wait_for(lambda: events(redis_client, "end", P + "b"), 5, "the request after the loss")
+    wait_for(lambda: redis_client.sismember(keys.APPS, APP_ID), 5, "the app named again")
+
+
+def test_a_beat_taking_the_lead_finds_apps_that_submitted_while_none_led(
+    cluster: Cluster, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A producer names its app in bgqueue:apps once per process, and beat forgets idle
+    apps. A submit made after beat forgot the app, while no beat led, wakes nobody; the
+    next beat to lead finds the app by its waiting requests, before any worker of the app
+    names it, and serves them. (Without that discovery, the app stayed unknown until some
+    process of it started.)"""
+    app = producer(redis_url)
+    beat = cluster.beat(env={"BGQUEUE_FORGET_AFTER": "0.3"})
+    app.scheduler.submit(bg.ProcessingTaskRequest(P + "a"))  # names the app, once
     assert redis_client.sismember(keys.APPS, APP_ID)
+    assert app.scheduler.cancel(P + "a")
+    wait_for(lambda: not redis_client.sismember(keys.APPS, APP_ID), 15, "beat to forget the app")
+    beat.kill()
+    app.scheduler.submit(bg.ProcessingTaskRequest(P + "b"))
+    assert not redis_client.sismember(keys.APPS, APP_ID)  # this process named it already
+    cluster.beat("beat-2")
+    wait_for(lambda: redis_client.sismember(keys.APPS, APP_ID), 15, "the next leader to find it")
+    cluster.worker("w1", concurrency=1)
+    wait_for(lambda: events(redis_client, "end", P + "b"), 15, "the request submitted meanwhile")

@@ -53,6 +53,7 @@ class Driver:
     def close(self) -> None:
         self.client.close()
         self.beat.client.close()
+        self.app.client.close()  # else its socket stays open until collected
 
     def announce_worker(self) -> None:
         """A live worker whose class runs ID in every profile, as its heartbeat says."""
@@ -78,20 +79,28 @@ class Driver:
     def submit(self, **fields: Any) -> None:
         self.scheduler.submit(bg.ProcessingTaskRequest(ID, payload={"n": 1}, **fields))
 
+    def submit_now(self) -> None:
+        """A continued-processing request that must start now: free slots are counted."""
+        self.scheduler.submit(bg.ContinuedProcessingTaskRequest(ID, title="t", payload={"n": 1}))
+
     def cancel(self) -> None:
         self.scheduler.cancel(ID)
 
     def launch(self) -> None:
         self.scheduler.simulate_launch(ID)
 
+    def profile(self) -> int:
+        """The requirement profile of the request's record (0 if none)."""
+        return int(self.record().get("r", 0))
+
     def claim(self) -> None:
         view = self.beat.view(self.keys)
-        self.beat._claim(self.keys, 0, [SCOPE], view, view.now + 1000)
+        self.beat._claim(self.keys, self.profile(), [SCOPE], view, view.now + 1000)
 
     def claim_without_a_route(self) -> None:
         view = self.beat.view(self.keys)
-        view.routes[0] = {}
-        self.beat._claim(self.keys, 0, [SCOPE], view, view.now + 1000)
+        view.routes[self.profile()] = {}
+        self.beat._claim(self.keys, self.profile(), [SCOPE], view, view.now + 1000)
 
     def unpark(self) -> None:
         view = self.beat.view(self.keys)
@@ -165,6 +174,16 @@ Stage = tuple[Callable[[Driver], None], Callable[[Driver], None]]
 STAGES: dict[str, Stage] = {
     "submit": (lambda d: None, lambda d: d.submit()),
     "submit (replace)": (lambda d: d.submit(), lambda d: d.submit()),
+    "submit (replace in another profile)": (
+        lambda d: d.submit(requires_network_connectivity=True),
+        lambda d: d.submit(),
+    ),
+    "submit (replace parked)": (
+        lambda d: (d.submit(), d.claim_without_a_route()),
+        lambda d: d.submit(),
+    ),
+    "submit (replace dispatched)": (lambda d: (d.submit(), d.claim()), lambda d: d.submit()),
+    "submit (must start now)": (lambda d: None, lambda d: d.submit_now()),
     "cancel": (lambda d: d.submit(), lambda d: (d.cancel(), d.submit())),
     "launch": (
         lambda d: d.submit(earliest_begin_date=bg_later()),
@@ -196,8 +215,12 @@ def keys_of(d: Driver, script: str) -> list[str]:
     k = d.keys
     request = [k.requests(SCOPE), k.sched(0, SCOPE), k.due(0), k.counts]
     touched = {
-        "submit": [*request, k.leases, k.parked],
-        "submit (replace)": [*request, k.leases, k.parked],
+        "submit": request,
+        "submit (replace)": request,
+        "submit (replace in another profile)": [*request, k.sched(1, SCOPE), k.due(1)],
+        "submit (replace parked)": [*request, k.parked],
+        "submit (replace dispatched)": [*request, k.leases],
+        "submit (must start now)": [*request, k.workers, k.alive, k.running, k.classes, k.leases],
         "cancel": [*request, k.leases, k.parked, k.history(SCOPE)],
         "launch": request[:3],
         "claim": [*request, k.leases, k.seq, k.parked],

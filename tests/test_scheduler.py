@@ -7,6 +7,7 @@ must see a request run start one worker (and beat) through the `cluster` fixture
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -209,6 +210,73 @@ def test_batch_repeating_an_identifier_keeps_the_last(app: bg.BackgroundApp) -> 
     last = bg.AppRefreshTaskRequest(REFRESH, payload={"v": 2})
     app.scheduler.submit_many([bg.AppRefreshTaskRequest(REFRESH, payload={"v": 1}), last])
     assert app.scheduler.pending_task_requests() == [last]
+
+
+def test_replacing_into_another_profile_updates_both_profiles_and_the_counts(
+    app: bg.BackgroundApp, redis_client: redis.Redis
+) -> None:
+    """A submit is sent the keys of its own profiles only; replacing a request pending in
+    another profile, it asks for that profile's keys and is sent them, then leaves that
+    profile's schedule, due set and count as if the request had never been there."""
+    k = app.keys
+    app.scheduler.submit(bg.ProcessingTaskRequest(job(1), requires_network_connectivity=True))
+    app.scheduler.submit(bg.ProcessingTaskRequest(job(2), earliest_begin_date=LATER))
+    assert redis_client.zscore(k.due(1), "default") is not None
+    app.scheduler.submit(bg.ProcessingTaskRequest(job(1), earliest_begin_date=EARLIER))
+    assert redis_client.zcard(k.sched(1, "default")) == 0
+    assert redis_client.zscore(k.due(1), "default") is None
+    assert redis_client.zscore(k.due(0), "default") == to_ms(EARLIER)  # the earlier date now
+    assert redis_client.hgetall(k.counts) == {b"processing:0": b"2"}
+    assert redis_client.hget(k.requests("default"), "#processing") == b"2"
+
+
+def test_a_submit_is_refused_only_over_keys_it_writes(
+    app: bg.BackgroundApp, redis_client: redis.Redis
+) -> None:
+    """Foreign data in a key refuses the submits that would write it, and no other: a
+    submit is sent, and checks, the keys of the places it touches. (Before, every submit
+    was sent all 16 profiles' keys and the dispatch leases, and was refused over any.)"""
+    app.scheduler.submit(bg.ProcessingTaskRequest(job(1)))
+    redis_client.set(app.keys.leases, "foreign")
+    redis_client.set(app.keys.due(3), "foreign")
+    app.scheduler.submit(bg.ProcessingTaskRequest(job(1), payload={"v": 2}))  # a pending one
+    app.scheduler.submit(bg.ProcessingTaskRequest(job(2), requires_network_connectivity=True))
+    before = snapshot(redis_client)
+    both = bg.ProcessingTaskRequest(
+        job(3), requires_network_connectivity=True, requires_external_power=True
+    )
+    with pytest.raises(bg.Unavailable, match=r"due:3 holds a string"):
+        app.scheduler.submit(both)
+    assert snapshot(redis_client) == before
+    assert len(app.scheduler.pending_task_requests()) == 2
+
+
+@pytest.mark.parametrize("twin", ["sync", "async"])
+def test_a_producer_names_its_app_once_per_process(
+    app: bg.BackgroundApp, redis_client: redis.Redis, twin: str
+) -> None:
+    """The first submit names the app in bgqueue:apps, in the script's round trip; every
+    later one is the script alone, one EVALSHA (beat learns the app from the wake-up the
+    script publishes, and a new leader finds apps with waiting requests). Before, every
+    submit added a pipelined SADD."""
+    redis_client.config_resetstat()
+    for n in range(3):
+        request = bg.ProcessingTaskRequest(job(n))
+        if twin == "sync":
+            app.scheduler.submit(request)
+        else:
+            asyncio.run(_asubmit(app, request))
+    stats = redis_client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 3
+    assert stats["cmdstat_sadd"]["calls"] == 1
+    assert redis_client.smembers(keys.APPS) == {APP.encode()}
+
+
+async def _asubmit(app: bg.BackgroundApp, request: bg.BGTaskRequest) -> None:
+    try:
+        await app.scheduler.asubmit(request)
+    finally:
+        await app.aclose()
 
 
 # --- limits -------------------------------------------------------------------------
@@ -542,6 +610,18 @@ def test_continued_processing_fail_needs_a_free_worker_now(
     )
     app.scheduler.submit(queued)
     assert queued in app.scheduler.pending_task_requests()
+
+
+def test_a_fail_request_replaced_within_its_batch_needs_no_free_slot(
+    app: bg.BackgroundApp,
+) -> None:
+    """A request given twice in a batch is the later one, so a FAIL-strategy request that a
+    later entry of its batch replaces never needs a free slot. (Before, the batch was
+    refused with ImmediateRunIneligible for a request it was not going to schedule.)"""
+    app.scheduler.submit_many(
+        [bg.ContinuedProcessingTaskRequest(job("c"), title="t"), bg.ProcessingTaskRequest(job("c"))]
+    )
+    assert app.scheduler.pending_task_requests() == [bg.ProcessingTaskRequest(job("c"))]
 
 
 # --- cancel, scopes, history --------------------------------------------------------

@@ -116,6 +116,10 @@ def _invalid_url() -> ParameterError:
     )
 
 
+# The Redis errors `service_errors` turns into bgqueue's own.
+SERVICE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
+
+
 @contextmanager
 def service_errors(url: str) -> Iterator[None]:
     """Turn a lost or refused broker connection into ServiceError, without the password, and
@@ -123,17 +127,23 @@ def service_errors(url: str) -> Iterator[None]:
     type, a record it did not write) into Unavailable."""
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise ServiceError(
-            f"lost the broker at {redact(url)} ({type(exc).__name__}); is Redis running? "
-            "nothing was changed by the failed call"
-        ) from exc
-    except redis.ResponseError as exc:
-        raise Unavailable(
+    except SERVICE_ERRORS as exc:
+        raise service_error(url, exc) from exc
+
+
+def service_error(url: str, exc: Exception) -> ServiceError | Unavailable:
+    """What `service_errors` raises for one of SERVICE_ERRORS (for callers on a hot path,
+    where entering a context manager per call costs as much as building the call)."""
+    if isinstance(exc, redis.ResponseError):
+        return Unavailable(
             f"Redis refused the call: {str(exc)[:300]}. Some of the app's keys hold data "
             "bgqueue did not write; beat moves such keys into the dead letter "
             "(bgqueue status shows it)"
-        ) from exc
+        )
+    return ServiceError(
+        f"lost the broker at {redact(url)} ({type(exc).__name__}); is Redis running? "
+        "nothing was changed by the failed call"
+    )
 
 
 def ssl_options(url: str) -> dict[str, Any] | None:

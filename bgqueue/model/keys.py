@@ -50,6 +50,7 @@ PREFIX = "bgqueue"
 SEPARATOR = "\x1f"  # unit separator: check_name forbids it inside names
 
 APPS = f"{PREFIX}:apps"
+COUNTS_PATTERN = f"{PREFIX}:{{*}}:counts"  # SCAN MATCH for every app's counts (Beat.discover)
 BEAT_LEASE = f"{PREFIX}:beat:lease"
 BEAT_WAKE = f"{PREFIX}:beat:wake"  # a pub/sub channel: waking beat writes no key
 
@@ -69,6 +70,15 @@ def split_parked(value: str) -> tuple[int, str, str]:
     """A member of `parked`: "<profile>\x1f<scope>\x1f<identifier>" (lua/claim.lua)."""
     profile, scope, identifier = value.split(SEPARATOR, 2)
     return int(profile), scope, identifier
+
+
+def app_of(key: str) -> str | None:
+    """The app a key of an app belongs to (`bgqueue:{<app id>}:...`), or None."""
+    head = f"{PREFIX}:{{"
+    if not key.startswith(head) or "}" not in key:
+        return None
+    app_id = key[len(head) : key.index("}")]  # app ids hold no braces
+    return app_id if is_app_id(app_id) else None
 
 
 def is_app_id(value: str) -> bool:

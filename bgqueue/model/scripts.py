@@ -85,7 +85,7 @@ class ScriptCall(NamedTuple):
     keys: list[str]
     args: list[Any]
     wake: bool = False  # and wake beat, in the same round trip
-    announce: bool = False  # and name the app in bgqueue:apps, in the same round trip
+    announce: bool = False  # and name the app in bgqueue:apps (once per process), in the same trip
 
 
 class Scripts:

@@ -145,7 +145,9 @@ class DiesBeforePublishing(Beat):
         super().__init__(broker_url, Settings(dispatch_lease=DISPATCH_LEASE))  # as test beats
         self.claimed: list[Claimed] = []
 
-    def publish(self, app: keys.AppKeys, claimed: list[Claimed], now: int) -> None:
+    def publish(
+        self, app: keys.AppKeys, claimed: list[Claimed], now: int, lane: int | None = None
+    ) -> None:
         self.claimed += claimed
 
 

@@ -3,43 +3,82 @@
 -- limits, a free slot for a continued-processing request that must start now, a key of
 -- the wrong type) is checked before the first write.
 --
--- KEYS[1..16]   due:<profile>, profiles 0..15: the app's index of scopes by earliest date
--- KEYS[17..32]  sched:<profile>:<scope>, profiles 0..15: the scope's pending requests
--- KEYS[33]      req:<scope>: records by identifier, and the scope's limit counters
--- KEYS[34]      leases (a replaced dispatched request leaves it)
--- KEYS[35]      parked (a replaced parked request leaves it)
--- KEYS[36]      counts
--- KEYS[37]      deadletter
--- KEYS[38..41]  workers, alive, running, classes: read only to find free slots (ARGV[6])
+-- Only the keys the batch needs are passed (most submits touch one profile): those of the
+-- places its requests go to and of the places of the requests they replace, the dead
+-- letter if it is written to, and what free slots are counted from if a request must start
+-- now. The caller cannot know all of that, so when the script needs a key that was not
+-- passed, it answers {'places', names} before any write, and the caller calls again with
+-- those places too.
+--
+-- KEYS[1]       req:<scope>: records by identifier, and the scope's limit counters
+-- KEYS[2]       counts
+-- KEYS[3..]     the keys of each place ARGV[6] names, in its order:
+--                 a profile p   due:<p>, sched:<p>:<scope>
+--                 parked        parked (a replaced parked request leaves it)
+--                 dispatched    leases (a replaced dispatched request leaves it)
+--                 deadletter    deadletter (a foreign record or counter goes there)
+--                 slots         workers, alive, running, classes, leases: read only, to find
+--                               free slots for the continued-processing requests with
+--                               strategy FAIL, which must start now
 -- ARGV[1], [2]  max pending refresh, processing requests per scope
 -- ARGV[3]       scope
 -- ARGV[4], [5]  beat's wake channel and the app id to publish there once accepted
--- ARGV[6]       each continued-processing request that must start now (strategy FAIL) as
---               'profile identifier', space-separated, or '': each needs a free slot
--- ARGV[7..]     five values per request: identifier, record JSON (requests.py: ending in
---               '}'), profile, earliest-begin ms (the score, as given), kind
--- Returns {'ok', replaced}, {'limit', index (0-based, in the batch), class},
--- {'busy', profile, free slots}, or {'foreign', key, type} when a key it would write holds
--- another type. A stored record that is not a request's is dead-lettered and replaced.
--- A request given twice in the batch is the later one. A record whose earliest-begin date
--- has passed gains t, when it became pending (ms): beat's dispatch lateness counts from
--- max(e, t).
+-- ARGV[6]       the places whose keys are passed, space-separated
+-- ARGV[7..]     two values per request: identifier, record JSON as requests.py writes it:
+--               it starts {"k":kind,"s":"pending","r":profile,"e":earliest-begin ms, which
+--               the script reads there; a FAIL strategy holds ,"sg":"fail" (text that
+--               cannot occur inside a JSON string, where every quote is escaped)
+-- Returns how many stored requests it replaced, or why it wrote nothing: {'limit', index
+-- (0-based, in the batch), class}, {'busy', profile, free slots}, {'places', names} (see
+-- above), or {'foreign', key, type} when a key it would write holds another type.
+-- A stored record that is not a request's is dead-lettered and replaced. A counter that is
+-- not an integer is repaired first (see fix_counters), and the repair stands even if the
+-- batch is then refused. A request given twice in the batch is the later one. A record
+-- whose earliest-begin date has passed gains t, when it became pending (ms): beat's
+-- dispatch lateness counts from max(e, t).
+--
+-- A submit is meant to cost little more than its round trip, so: every key's type is
+-- proven by a read the script makes anyway or a cheap one (through redis.pcall: a key of
+-- another type is an answer, not a failure), or by being the first write (a command that
+-- fails changes nothing); TYPE is called only to name a foreign key's type; counters are
+-- written as the values read plus the change, in HSETs; numbers go to Redis as the text
+-- they came in where they can (Lua formats a number with printf); tables are made only
+-- where there is something to put in them.
 
 -- include: deadletter
 -- include: requests
 -- include: slots
 
-local DUE, SCHED, REQ, LEASES, PARKED, COUNTS, DL = 0, 16, 33, 34, 35, 36, 37
-local scope = ARGV[3]
-local limit = {refresh = tonumber(ARGV[1]), processing = tonumber(ARGV[2])}
+local REQ, COUNTS = KEYS[1], KEYS[2]
+local argv = ARGV  -- a local: read once per request field
+local FIRST = 7  -- ARGV index of the first request
+local scope = argv[3]
+local HEAD = '^{"k":"([%w_]+)","s":"pending","r":(%d+),"e":(%d+)'  -- kind, profile, date
 
--- Calls with many arguments go in chunks: Lua's unpack has a stack limit.
+local function foreign(key)
+  return {'foreign', key, redis.call('TYPE', key)['ok']}
+end
+
+-- A command through redis.pcall: its reply, or nil if the key holds another type.
+local function probe(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply['err'] then
+    if string.sub(reply['err'], 1, 9) == 'WRONGTYPE' then return nil end
+    error(reply)
+  end
+  return reply
+end
+
+-- Calls with many arguments go in chunks: Lua's unpack has a stack limit. The first chunk
+-- is a probe (nil if the key holds another type); later ones cannot fail on the type.
 local CHUNK = 1000
-local function in_chunks(command, target, args, width)
+local function in_chunks(command, key, args, width)
+  local size = CHUNK * width
+  if #args <= size then return probe(command, key, unpack(args)) end
   local out = {}
-  for first = 1, #args, CHUNK * width do
-    local last = math.min(first + CHUNK * width - 1, #args)
-    local reply = redis.call(command, target, unpack(args, first, last))
+  for first = 1, #args, size do
+    local reply = probe(command, key, unpack(args, first, math.min(first + size - 1, #args)))
+    if not reply then return nil end
     if type(reply) == 'table' then
       for _, value in ipairs(reply) do out[#out + 1] = value end
     end
@@ -47,120 +86,229 @@ local function in_chunks(command, target, args, width)
   return out
 end
 
--- 1. The batch: the last request given for each identifier, in batch order.
-local last, ids = {}, {}
-for a = 7, #ARGV, 5 do
-  local id = ARGV[a]
-  if not last[id] then ids[#ids + 1] = id end
-  last[id] = {index = (a - 7) / 5, id = id, record = ARGV[a + 1], r = tonumber(ARGV[a + 2]),
-              at = ARGV[a + 3], k = ARGV[a + 4]}
+-- The keys passed: the index in KEYS of each place's first key (see the header).
+local at = {}
+if tonumber(argv[6]) then  -- one profile, as most submits
+  at[tonumber(argv[6])] = 3
+else
+  local n = 3
+  for place in string.gmatch(argv[6], '%S+') do
+    local p = tonumber(place)
+    at[p or place] = n
+    n = n + ((p and 2) or (place == 'slots' and 5) or 1)
+  end
 end
-local batch = {}
-for _, id in ipairs(ids) do batch[#batch + 1] = last[id] end
-table.sort(batch, function(x, y) return x.index < y.index end)
+local function due(p) return KEYS[at[p]] end
+local function sched(p) return KEYS[at[p] + 1] end
+local function key(place) return at[place] and KEYS[at[place]] end
 
--- 2. What is stored under those identifiers (one HMGET), and the scope's counters.
-local req_type = redis.call('TYPE', KEYS[REQ])['ok']
-if req_type ~= 'none' and req_type ~= 'hash' then return {'foreign', KEYS[REQ], req_type} end
-local found = in_chunks('HMGET', KEYS[REQ], ids, 1)
-local old, foreign = {}, {}
-for n, id in ipairs(ids) do
+-- Places whose keys are missing, by name (and in a list), asked for once each.
+local wanted
+local function need(place)
+  if not at[place] then
+    local name = tostring(place)
+    wanted = wanted or {}
+    if not wanted[name] then wanted[#wanted + 1], wanted[name] = name, true end
+  end
+end
+local NONE = {}  -- for `pairs(old or NONE)`: `old` is made only when there is one
+
+-- 1. The batch: the last request given for each identifier (its ARGV index), in batch
+-- order; `fields`: the scope's limit counters and those identifiers, to read.
+local last, order, fields = {}, {}, {'#refresh', '#processing'}
+for a = FIRST, #argv, 2 do last[argv[a]] = a end
+for a = FIRST, #argv, 2 do
+  if last[argv[a]] == a then order[#order + 1], fields[#fields + 1] = a, argv[a] end
+end
+
+-- 2. What is stored under those identifiers, and the scope's limit counters: one HMGET,
+-- which also proves req a hash (or nothing). `old`: the requests replaced; `strays`:
+-- records that are not a request's.
+local found = in_chunks('HMGET', REQ, fields, 1)
+if not found then return foreign(REQ) end
+local old, strays
+for n = 3, #fields do
   if found[n] then
     local rec, why = request_record(found[n])
-    if rec then old[id] = rec else foreign[#foreign + 1] = {id, why, found[n]} end
-  end
-end
-local counters = redis.call('HMGET', KEYS[REQ], '#refresh', '#processing')
-
--- 3. The pending limits, as the batch would leave them: a replacement frees its old slot,
--- and only a class the batch makes fuller than it was can be refused.
-local held = {refresh = tonumber(counters[1]) or 0, processing = tonumber(counters[2]) or 0}
-local after = {refresh = held.refresh, processing = held.processing}
-for _, new in ipairs(batch) do
-  local o = old[new.id]
-  if o and limited(o) then after[class_of(o['k'])] = after[class_of(o['k'])] - 1 end
-end
-for _, new in ipairs(batch) do
-  local class = class_of(new.k)
-  after[class] = after[class] + 1
-  if after[class] > limit[class] and after[class] > held[class] then
-    return {'limit', new.index, class}
+    if rec then
+      old = old or {}
+      old[fields[n]] = rec
+      need(rec['s'] == 'pending' and rec['r'] or rec['s'])
+    else
+      strays = strays or {}
+      strays[#strays + 1] = {fields[n], why, found[n]}
+      need('deadletter')
+    end
   end
 end
 
--- 4. Continued-processing requests that must start now need a free slot each.
-local needed, order = {}, {}
-for profile, id in string.gmatch(ARGV[6], '(%d+) (%S+)') do
-  local key = profile .. ' ' .. id
-  if not needed[key] then order[#order + 1] = {tonumber(profile), id, key} end
-  needed[key] = (needed[key] or 0) + 1
-end
-for _, want in ipairs(order) do
-  local free = free_slots(KEYS[38], KEYS[39], KEYS[40], KEYS[41], KEYS[LEASES], KEYS[COUNTS],
-    want[1], want[2])
-  if free < needed[want[3]] then return {'busy', want[1], free} end
-end
-
--- 5. Every key written below must hold its type (or nothing).
-local wanted = {[KEYS[COUNTS]] = 'hash', [KEYS[LEASES]] = 'zset', [KEYS[PARKED]] = 'zset'}
-for _, new in ipairs(batch) do
-  wanted[KEYS[DUE + new.r + 1]], wanted[KEYS[SCHED + new.r + 1]] = 'zset', 'zset'
-end
-for _, o in pairs(old) do
-  wanted[KEYS[DUE + o['r'] + 1]], wanted[KEYS[SCHED + o['r'] + 1]] = 'zset', 'zset'
-end
-local wrong, found_type = wrong_type(wanted)
-if wrong then return {'foreign', wrong, found_type} end
-
--- 6. Write. Counters first made sound; foreign records kept in the dead letter.
-local fields = {}
-for _, new in ipairs(batch) do fields[#fields + 1] = new.k .. ':' .. new.r end
-for _, o in pairs(old) do fields[#fields + 1] = o['k'] .. ':' .. place_of(o) end
-fix_counters(KEYS[DL], KEYS[COUNTS], fields, KEYS[REQ])
-for _, entry in ipairs(foreign) do
-  dead_letter(KEYS[DL], KEYS[REQ] .. ' ' .. entry[1], entry[2] .. '; replaced by a submit', entry[3])
-end
-
-local replaced = 0
-for id, o in pairs(old) do
-  if o['s'] == 'pending' then
-    unschedule(KEYS[DUE + o['r'] + 1], KEYS[SCHED + o['r'] + 1], scope, id)
-  elseif o['s'] == 'parked' then
-    redis.call('ZREM', KEYS[PARKED], o['r'] .. '\31' .. scope .. '\31' .. id)
+-- 3. What the batch adds: records (with t where due already), schedule entries and the
+-- earliest date by profile (`first`: one of them; `earliest` as given, `lowest` as a
+-- number), requests by limit class less those replaced (`grows`), the changes to the app's
+-- counts (`change`, by field), and who must start now (`starts`).
+local records, entries, earliest, lowest, first, starts = {}, {}, {}, {}, nil, nil
+local grows, change = {refresh = 0, processing = 0}, {}
+local stamp = ',"t":' .. now .. '}'
+-- Of the previous record: a batch often repeats one (same kind, date and payload for many
+-- identifiers), which is then read once.
+local given, stored, begin, score, p, field, class, fail
+for _, a in ipairs(order) do
+  local id, rec = argv[a], argv[a + 1]
+  if rec ~= given then
+    local k, r
+    k, r, begin = string.match(rec, HEAD)
+    p, score, field, class = tonumber(r), tonumber(begin), k .. ':' .. r, class_of(k)
+    fail = k == 'continued_processing' and string.find(rec, ',"sg":"fail"', 1, true) ~= nil
+    given, stored = rec, rec
+    if score < now then stored = string.sub(rec, 1, -2) .. stamp end
+  end
+  if fail then
+    starts = starts or {}
+    starts[#starts + 1] = {p, id}
+    need('slots')
+  end
+  local n = #records
+  records[n + 1], records[n + 2] = id, stored
+  local list = entries[p]
+  if list then
+    list[#list + 1], list[#list + 2] = begin, id
+    if score < lowest[p] then earliest[p], lowest[p] = begin, score end
   else
-    redis.call('ZREM', KEYS[LEASES], scope .. '\31' .. id)
+    entries[p], earliest[p], lowest[p], first = {begin, id}, begin, score, first or p
+    need(p)
   end
-  count(KEYS[COUNTS], o, place_of(o), -1)
-  hold(KEYS[REQ], o, -1)
+  if old and old[id] then old[id]['to'] = p end  -- the profile its replacement goes to
+  change[field] = (change[field] or 0) + 1
+  grows[class] = grows[class] + 1
+end
+if wanted then return {'places', table.concat(wanted, ' ')} end
+for _, o in pairs(old or NONE) do
+  local f = o['k'] .. ':' .. place_of(o)
+  change[f] = (change[f] or 0) - 1
+  if limited(o) then grows[class_of(o['k'])] = grows[class_of(o['k'])] - 1 end
+end
+
+-- 4. The counts it changes, read (one HMGET, which also proves counts a hash). A counter
+-- that is not an integer is repaired first, on this rare path only.
+local names = {}
+for f in pairs(change) do names[#names + 1] = f end
+local counted = in_chunks('HMGET', COUNTS, names, 1)
+if not counted then return foreign(COUNTS) end
+local sound = is_integer(found[1]) and is_integer(found[2])
+for _, value in ipairs(counted) do sound = sound and is_integer(value) end
+if not sound then
+  local dl = key('deadletter')
+  if not dl then return {'places', 'deadletter'} end
+  if wrong_type({[dl] = 'list'}) then return foreign(dl) end
+  fix_counters(dl, COUNTS, names, REQ)
+  counted = redis.call('HMGET', COUNTS, unpack(names))
+  found = redis.call('HMGET', REQ, '#refresh', '#processing')
+end
+local held = {refresh = tonumber(found[1]) or 0, processing = tonumber(found[2]) or 0}
+
+-- 5. The pending limits, as the batch would leave them: a replacement frees its old slot,
+-- and only a class the batch makes fuller than it was can be refused, at the first request
+-- of the batch that goes over.
+local limit = {refresh = tonumber(argv[1]), processing = tonumber(argv[2])}
+local over = false
+for class, n in pairs(grows) do over = over or (n > 0 and held[class] + n > limit[class]) end
+if over then
+  -- Counting forward from what is held less what the batch replaces.
+  local count = {refresh = held.refresh + grows.refresh,
+                 processing = held.processing + grows.processing}
+  for _, a in ipairs(order) do
+    local class = class_of(string.match(argv[a + 1], HEAD))
+    count[class] = count[class] - 1
+  end
+  for _, a in ipairs(order) do
+    local class = class_of(string.match(argv[a + 1], HEAD))
+    count[class] = count[class] + 1
+    if count[class] > limit[class] and count[class] > held[class] then
+      return {'limit', (a - FIRST) / 2, class}
+    end
+  end
+end
+
+-- 6. Continued-processing requests that must start now need a free slot each.
+if starts then
+  local needed, asked = {}, {}
+  for _, start in ipairs(starts) do
+    local slot = start[1] .. ' ' .. start[2]
+    if not needed[slot] then asked[#asked + 1] = {start[1], start[2], slot} end
+    needed[slot] = (needed[slot] or 0) + 1
+  end
+  local s = at['slots']
+  for _, want in ipairs(asked) do
+    local free = free_slots(KEYS[s], KEYS[s + 1], KEYS[s + 2], KEYS[s + 3], KEYS[s + 4],
+      COUNTS, want[1], want[2])
+    if free < needed[want[3]] then return {'busy', want[1], free} end
+  end
+end
+
+-- 7. The sorted sets written below hold their type (or nothing): proven by a ZCARD each,
+-- but the first profile's sched, proven by its ZADD, the first write. `moved`: profiles an
+-- old pending request leaves, whose due entry is recomputed.
+local moved = {}
+for _, o in pairs(old or NONE) do
+  local place = o['s'] == 'pending' and o['r'] or o['s']
+  if o['s'] == 'pending' then
+    moved[place] = true
+    if probe('ZCARD', due(place)) == nil then return foreign(due(place)) end
+  end
+  local set = o['s'] == 'pending' and sched(place) or key(place)
+  if place ~= first and probe('ZCARD', set) == nil then return foreign(set) end
+end
+for p in pairs(entries) do
+  if p ~= first and probe('ZCARD', sched(p)) == nil then return foreign(sched(p)) end
+  if not moved[p] and probe('ZCARD', due(p)) == nil then return foreign(due(p)) end
+end
+local dl = key('deadletter')
+if strays and wrong_type({[dl] = 'list'}) then return foreign(dl) end
+
+-- 8. Write.
+if not in_chunks('ZADD', sched(first), entries[first], 2) then return foreign(sched(first)) end
+for _, stray in ipairs(strays or NONE) do
+  dead_letter(dl, REQ .. ' ' .. stray[1], stray[2] .. '; replaced by a submit', stray[3])
+end
+local replaced = 0
+for id, o in pairs(old or NONE) do
+  if o['s'] == 'pending' then
+    -- One replaced by a request of its own profile was moved by that profile's ZADD.
+    if o['to'] ~= o['r'] then redis.call('ZREM', sched(o['r']), id) end
+  elseif o['s'] == 'parked' then
+    redis.call('ZREM', key('parked'), o['r'] .. '\31' .. scope .. '\31' .. id)
+  else
+    redis.call('ZREM', key('dispatched'), scope .. '\31' .. id)
+  end
   replaced = replaced + 1
 end
-
-local records, by_profile, tally = {}, {}, {}
-for _, new in ipairs(batch) do
-  local rec = new.record
-  if tonumber(new.at) < now then rec = string.sub(rec, 1, -2) .. ',"t":' .. now .. '}' end
-  records[#records + 1] = new.id
-  records[#records + 1] = rec
-  local list = by_profile[new.r] or {}
-  list[#list + 1] = new.at
-  list[#list + 1] = new.id
-  by_profile[new.r] = list
-  local field = new.k .. ':' .. new.r
-  tally[field] = (tally[field] or 0) + 1
-  local class = '#' .. class_of(new.k)
-  tally[class] = (tally[class] or 0) + 1
+for p, list in pairs(entries) do
+  if p ~= first then in_chunks('ZADD', sched(p), list, 2) end
 end
-in_chunks('HSET', KEYS[REQ], records, 2)
-for profile, list in pairs(by_profile) do
-  in_chunks('ZADD', KEYS[SCHED + profile + 1], list, 2)
-  reindex(KEYS[DUE + profile + 1], KEYS[SCHED + profile + 1], scope)
+for p in pairs(moved) do reindex(due(p), sched(p), scope) end
+for p, date in pairs(earliest) do
+  if not moved[p] then redis.call('ZADD', due(p), 'LT', date, scope) end
 end
-for field, n in pairs(tally) do
-  if string.sub(field, 1, 1) == '#' then
-    redis.call('HINCRBY', KEYS[REQ], field, n)
-  else
-    redis.call('HINCRBY', KEYS[COUNTS], field, n)
+-- The counters, as read plus the change (a field that reaches zero is deleted); the
+-- scope's go with the records.
+for class, n in pairs(grows) do
+  if n ~= 0 and held[class] + n > 0 then
+    records[#records + 1] = '#' .. class
+    records[#records + 1] = held[class] + n
+  elseif n ~= 0 then
+    redis.call('HDEL', REQ, '#' .. class)
   end
 end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-return {'ok', replaced}
+in_chunks('HSET', REQ, records, 2)
+local counts = {}
+for n, f in ipairs(names) do
+  local value = (tonumber(counted[n]) or 0) + change[f]
+  if change[f] ~= 0 and value > 0 then
+    counts[#counts + 1], counts[#counts + 2] = f, value
+  elseif change[f] ~= 0 then
+    redis.call('HDEL', COUNTS, f)
+  end
+end
+if #counts > 0 then in_chunks('HSET', COUNTS, counts, 2) end
+redis.call('PUBLISH', argv[4], argv[5])
+return replaced
