@@ -750,7 +750,7 @@ def test_dockerfile_builds_one_non_root_image_that_runs_bgqueue() -> None:
     runtime = stages[-1]
     assert image_entrypoint() == ["bgqueue"]
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert re.search(r'^bgqueue = "bgqueue\.cli:run"$', pyproject, re.M), "no bgqueue script"
+    assert re.search(r'^bgqueue = "bgqueue\.ops\.cli:run"$', pyproject, re.M), "no bgqueue script"
     users = [rest for name, rest in runtime if name == "USER"]
     assert users and re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), f"USER {users}: numeric non-root"
     names = [name for name, _ in runtime]
