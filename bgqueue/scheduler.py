@@ -7,6 +7,8 @@ replaced request never coexists with its replacement.
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +37,9 @@ if TYPE_CHECKING:
     from bgqueue.model.context import AppContext as BackgroundApp
 
 
-# submit.lua's ARGV, 0-based: where the places and the requests (two values each) are.
-_PLACES, _REQUESTS = 5, 6
+# submit.lua's ARGV, 0-based: where the places and the requests (two values each) are,
+# and how many values the place 'now' adds before the requests.
+_PLACES, _REQUESTS, _NOW_ARGS = 5, 6, 4
 
 
 class Scheduler:
@@ -86,7 +89,7 @@ class Scheduler:
         ]
         places = set()
         for request in batch:
-            record, profile = self._check(request)
+            record, profile, begin = self._check(request)
             if traced is not None:
                 record = traced(request, record)
             args += (request.identifier, record)
@@ -98,6 +101,13 @@ class Scheduler:
                 places.add("slots")  # it must start now: free slots are counted
         if not batch:
             return None
+        if len(batch) == 1 and "slots" not in places and begin <= time.time() * 1000:
+            # Due now: the script may dispatch it itself (its pass 4), with this message id.
+            names = requirement_names(profile)
+            lease_ms = int(self.app.settings.dispatch_lease * 1000)
+            message = [str(uuid.uuid4()), json.dumps(names), repr(names), lease_ms]
+            args[_REQUESTS:_REQUESTS] = message
+            places.add("now")
         return self._placed(args, list(places))
 
     def _placed(self, args: list[Any], places: list[str]) -> ScriptCall:
@@ -115,6 +125,9 @@ class Scheduler:
                 script_keys.append(app_keys.leases)
             elif place == "deadletter":
                 script_keys.append(app_keys.deadletter)
+            elif place == "now":
+                script_keys += [app_keys.routes, app_keys.classlive, app_keys.seq]
+                script_keys.append(app_keys.leases)
             else:  # slots
                 script_keys += [app_keys.workers, app_keys.alive, app_keys.running]
                 script_keys += [app_keys.classes, app_keys.leases]
@@ -141,24 +154,26 @@ class Scheduler:
             )
         index, kind = int(result[1]), result[2].decode()
         allowed = getattr(self.app.limits, f"max_pending_{kind}")
-        identifier = call.args[_REQUESTS + 2 * index]
+        first = _REQUESTS + (_NOW_ARGS if "now" in call.args[_PLACES].split() else 0)
+        identifier = call.args[first + 2 * index]
         raise TooManyPendingTaskRequests(
             f"scope {self.scope!r} already has {allowed} pending {kind} request(s); "
             f"{identifier!r} was not scheduled (nothing in the batch was). "
             "Cancel one or wait for it to run."
         )
 
-    def _check(self, request: BGTaskRequest) -> tuple[str, int]:
-        """The request's record and profile, once it is valid and permitted."""
+    def _check(self, request: BGTaskRequest) -> tuple[str, int, int]:
+        """The request's record, profile and earliest-begin ms, once it is valid and
+        permitted."""
         if not isinstance(request, BGTaskRequest):
             raise ParameterError(f"expected a task request, got {type(request).__name__}")
-        record, profile, _ = request.record()
+        record, profile, begin = request.record()
         if not self.app.is_permitted(request.identifier):
             raise NotPermitted(
                 f"identifier {request.identifier!r} is not in the permitted identifiers of "
                 f"{self.app.app_id!r}; add it to BackgroundApp(permitted_identifiers=...)"
             )
-        return record, profile
+        return record, profile, begin
 
     def cancel(self, identifier: str) -> bool:
         """Cancel the not-yet-started request with this identifier; True if there was one."""

@@ -181,3 +181,62 @@ def test_a_beat_taking_the_lead_finds_apps_that_submitted_while_none_led(
     wait_for(lambda: redis_client.sismember(keys.APPS, APP_ID), 15, "the next leader to find it")
     cluster.worker("w1", concurrency=1)
     wait_for(lambda: events(redis_client, "end", P + "b"), 15, "the request submitted meanwhile")
+
+
+# --- a request due now, dispatched by its submit -----------------------------------------
+
+
+def routed(cluster: Cluster, redis_url: str, redis_client: redis.Redis) -> bg.BackgroundApp:
+    """A worker and a beat that has written the routes (a first request ran), then beat
+    SIGKILLed: what happens next is the submit's alone."""
+    app = producer(redis_url)
+    cluster.worker("w1", concurrency=1)
+    beat = cluster.beat()
+    app.scheduler.submit(bg.ProcessingTaskRequest(P + "a"))
+    wait_for(lambda: events(redis_client, "end", P + "a"), 15, "the first request")
+    beat.kill()
+    return app
+
+
+def test_a_request_due_now_reaches_a_live_worker_without_beat(
+    cluster: Cluster, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A request due now whose handler a live worker class has is dispatched by the submit
+    itself, as beat would (a generation, a class, a dispatch lease): it runs once with no
+    beat running. (Before, it waited for beat's next round: forever here.)"""
+    app = routed(cluster, redis_url, redis_client)
+    app.scheduler.submit(bg.ProcessingTaskRequest(P + "b"))
+    wait_for(lambda: events(redis_client, "end", P + "b"), 5, "the request, with no beat")
+    time.sleep(0.5)
+    assert len(events(redis_client, "start", P + "b")) == 1
+    assert not redis_client.exists(app.keys.counts)  # nothing counted as waiting
+
+
+def test_a_submit_leaves_to_beat_what_is_due_ahead_of_it_or_has_no_live_worker(
+    cluster: Cluster, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A submit dispatches nothing while something of the request's profile is due ahead
+    of it (beat serves those in date order), nor to a class whose workers' heartbeats have
+    lapsed: both wait for beat, which then runs them in date order, once each."""
+    app = routed(cluster, redis_url, redis_client)
+    app.scheduler_for("s1").submit(bg.ProcessingTaskRequest(P + "b", earliest_begin_date=at(0.2)))
+    time.sleep(0.4)  # b is due; no beat claims it
+    app.scheduler_for("s2").submit(bg.ProcessingTaskRequest(P + "c", earliest_begin_date=at(0)))
+    time.sleep(1.0)
+    assert not events(redis_client, "start", P + "c")
+    pending = {
+        r.identifier for s in ("s1", "s2") for r in app.scheduler_for(s).pending_task_requests()
+    }
+    assert pending == {P + "b", P + "c"}
+    cluster.kill_all()  # the worker too: its class lapses with its heartbeat
+    wait_for(lambda: not cluster.worker_alive("w1"), 10, "the worker's heartbeat to lapse")
+    app.scheduler_for("s3").submit(bg.ProcessingTaskRequest(P + "process"))
+    record = json.loads(redis_client.hget(app.keys.requests("s3"), P + "process"))
+    assert record["s"] == "pending", record
+    cluster.worker("w2", concurrency=1)
+    cluster.beat("beat-2")
+    for name in ("b", "c", "process"):
+        wait_for(lambda n=name: events(redis_client, "end", P + n), 15, f"{name} to run")
+    starts = [e["id"] for e in events(redis_client, "start")]
+    assert starts.count(P + "b") == starts.count(P + "c") == starts.count(P + "process") == 1
+    assert starts.index(P + "b") < starts.index(P + "c")

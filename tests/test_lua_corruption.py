@@ -83,6 +83,12 @@ class Driver:
         """A continued-processing request that must start now: free slots are counted."""
         self.scheduler.submit(bg.ContinuedProcessingTaskRequest(ID, title="t", payload={"n": 1}))
 
+    def route(self) -> None:
+        """Beat's routes, as a beat that sees the announced worker writes them: a request
+        due now is then dispatched by its submit itself."""
+        view = self.beat.view(self.keys)
+        self.beat._write_routes(self.keys, view, 0)
+
     def cancel(self) -> None:
         self.scheduler.cancel(ID)
 
@@ -184,6 +190,7 @@ STAGES: dict[str, Stage] = {
     ),
     "submit (replace dispatched)": (lambda d: (d.submit(), d.claim()), lambda d: d.submit()),
     "submit (must start now)": (lambda d: None, lambda d: d.submit_now()),
+    "submit (dispatch here)": (lambda d: d.route(), lambda d: d.submit()),
     "cancel": (lambda d: d.submit(), lambda d: (d.cancel(), d.submit())),
     "launch": (
         lambda d: d.submit(earliest_begin_date=bg_later()),
@@ -221,6 +228,7 @@ def keys_of(d: Driver, script: str) -> list[str]:
         "submit (replace parked)": [*request, k.parked],
         "submit (replace dispatched)": [*request, k.leases],
         "submit (must start now)": [*request, k.workers, k.alive, k.running, k.classes, k.leases],
+        "submit (dispatch here)": [*request, k.routes, k.classlive, k.seq, k.leases],
         "cancel": [*request, k.leases, k.parked, k.history(SCOPE)],
         "launch": request[:3],
         "claim": [*request, k.leases, k.seq, k.parked],
@@ -346,3 +354,21 @@ def _content(client: redis.Redis, key: str) -> Any:
     if kind == "none":
         return None
     return (kind, snapshot(client, set()).get(key.encode()))
+
+
+def test_a_submit_dispatches_a_request_due_now_itself_over_sound_keys(redis_url: str) -> None:
+    """The stage "submit (dispatch here)" above does take the direct path when nothing is
+    corrupted: the request is dispatched, its message is on its class's queue."""
+    d = Driver(redis_url)
+    try:
+        d.announce_worker()
+        d.route()
+        d.submit()
+        record = d.record()
+        assert record["s"] == "dispatched", record
+        queue = d.keys.class_queue(record["q"])
+        message = json.loads(d.client.lindex(queue, 0))
+        assert message["headers"]["task"] == ID
+        assert d.served()
+    finally:
+        d.close()

@@ -20,10 +20,15 @@
 --                 slots         workers, alive, running, classes, leases: read only, to find
 --                               free slots for the continued-processing requests with
 --                               strategy FAIL, which must start now
+--                 now           routes, classlive, seq, leases: to dispatch a request due
+--                               now from here (pass 4; a batch of one request only)
 -- ARGV[1], [2]  max pending refresh, processing requests per scope
 -- ARGV[3]       scope
 -- ARGV[4], [5]  beat's wake channel and the app id to publish there once accepted
 -- ARGV[6]       the places whose keys are passed, space-separated
+-- ARGV[7..10]   with the place 'now' only: the run message's task id (a UUID), the
+--               request's requirement names as JSON and as Python's repr, the dispatch
+--               lease (ms); the requests then start at ARGV[11]
 -- ARGV[7..]     two values per request: identifier, record JSON as requests.py writes it:
 --               it starts {"k":kind,"s":"pending","r":profile,"e":earliest-begin ms, which
 --               the script reads there; a FAIL strategy holds ,"sg":"fail" (text that
@@ -37,6 +42,10 @@
 -- whose earliest-begin date has passed gains t, when it became pending (ms): beat's
 -- dispatch lateness counts from max(e, t).
 --
+-- A request dispatched here goes on its worker class's queue, a list of kombu's that is
+-- not among KEYS (its name is chosen here); like Celery's own queues it needs a Redis that
+-- is not a cluster.
+--
 -- A submit is meant to cost little more than its round trip, so: every key's type is
 -- proven by a read the script makes anyway or a cheap one (through redis.pcall: a key of
 -- another type is an answer, not a failure), or by being the first write (a command that
@@ -48,10 +57,10 @@
 -- include: deadletter
 -- include: requests
 -- include: slots
+-- include: message
 
 local REQ, COUNTS = KEYS[1], KEYS[2]
 local argv = ARGV  -- a local: read once per request field
-local FIRST = 7  -- ARGV index of the first request
 local scope = argv[3]
 local HEAD = '^{"k":"([%w_]+)","s":"pending","r":(%d+),"e":(%d+)'  -- kind, profile, date
 
@@ -60,7 +69,7 @@ local function foreign(key)
 end
 
 -- A command through redis.pcall: its reply, or nil if the key holds another type.
-local function probe(...)
+local function attempt(...)
   local reply = redis.pcall(...)
   if type(reply) == 'table' and reply['err'] then
     if string.sub(reply['err'], 1, 9) == 'WRONGTYPE' then return nil end
@@ -74,10 +83,10 @@ end
 local CHUNK = 1000
 local function in_chunks(command, key, args, width)
   local size = CHUNK * width
-  if #args <= size then return probe(command, key, unpack(args)) end
+  if #args <= size then return attempt(command, key, unpack(args)) end
   local out = {}
   for first = 1, #args, size do
-    local reply = probe(command, key, unpack(args, first, math.min(first + size - 1, #args)))
+    local reply = attempt(command, key, unpack(args, first, math.min(first + size - 1, #args)))
     if not reply then return nil end
     if type(reply) == 'table' then
       for _, value in ipairs(reply) do out[#out + 1] = value end
@@ -95,9 +104,10 @@ else
   for place in string.gmatch(argv[6], '%S+') do
     local p = tonumber(place)
     at[p or place] = n
-    n = n + ((p and 2) or (place == 'slots' and 5) or 1)
+    n = n + ((p and 2) or (place == 'slots' and 5) or (place == 'now' and 4) or 1)
   end
 end
+local FIRST = at['now'] and 11 or 7  -- ARGV index of the first request
 local function due(p) return KEYS[at[p]] end
 local function sched(p) return KEYS[at[p] + 1] end
 local function key(place) return at[place] and KEYS[at[place]] end
@@ -188,7 +198,65 @@ for _, o in pairs(old or NONE) do
   if limited(o) then grows[class_of(o['k'])] = grows[class_of(o['k'])] - 1 end
 end
 
--- 4. The counts it changes, read (one HMGET, which also proves counts a hash). A counter
+-- 4. A single request due now is dispatched here, as beat's claim.lua would (a generation,
+-- a worker class, a dispatch lease), when beat's `routes` name a live class with its
+-- handler and nothing else of its profile is due ahead of it (beat serves those in date
+-- order): the submit's round trip is then its only hop to a worker, as an apply_async's
+-- is. Anything else, or a key that is not what it should be, leaves it to beat. Reads
+-- only; `direct` says what pass 9 writes.
+local direct
+local function dispatch_here(id)
+  local n = at['now']
+  local routes, live, seq_key, leases = KEYS[n], KEYS[n + 1], KEYS[n + 2], KEYS[n + 3]
+  local route = attempt('HMGET', routes, p .. '\31' .. id, '#lane')
+  if not route or not route[1] then return nil end
+  local heads = attempt('ZRANGEBYSCORE', due(p), '-inf', now, 'LIMIT', 0, 2)
+  if not heads then return nil end
+  for _, other in ipairs(heads) do
+    if other ~= scope then return nil end
+  end
+  if #heads > 0 then  -- this scope has something due: only this request's old entry may be
+    local ids = attempt('ZRANGEBYSCORE', sched(p), '-inf', now, 'LIMIT', 0, 2)
+    if not ids then return nil end
+    for _, other in ipairs(ids) do
+      if other ~= id then return nil end
+    end
+  end
+  local seq = attempt('GET', seq_key)
+  if seq == nil or (seq and not string.match(seq, '^%d+$')) then return nil end
+  if attempt('ZCARD', leases) == nil then return nil end
+  local gen = (tonumber(seq) or now) + 1  -- a new counter starts above any (claim.lua)
+  local classes = {}
+  for class in string.gmatch(route[1], '%S+') do classes[#classes + 1] = class end
+  for i = 0, #classes - 1 do  -- from the generation's turn on, as claim.lua spreads them
+    local class = classes[(gen + i) % #classes + 1]
+    local lapses = attempt('ZSCORE', live, class)
+    if lapses and tonumber(lapses) > now then
+      local requires = {json = argv[8], repr = argv[9]}
+      local queue = 'bgqueue.' .. argv[5] .. '.class.' .. class
+      local list, message = run_message(id, argv[7], scope, gen, requires, queue, route[2] or 0)
+      if attempt('LLEN', list) == nil then return nil end
+      return {seq = seq_key, gen = gen, class = class, leases = leases, list = list,
+              message = message}
+    end
+  end
+  return nil
+end
+if at['now'] and #order == 1 and not fail and score <= now then
+  local id = argv[order[1]]
+  direct = dispatch_here(id)
+  if direct then
+    records[2] = string.sub(string.gsub(stored, '"s":"pending"', '"s":"dispatched"', 1), 1, -2)
+      .. ',"g":' .. direct.gen .. ',"q":"' .. direct.class .. '"}'
+    entries, earliest, first = {}, {}, nil
+    if old and old[id] then old[id]['to'] = 'now' end
+    local k = string.match(stored, HEAD)
+    change[field] = change[field] - 1
+    change[k .. ':dispatched'] = (change[k .. ':dispatched'] or 0) + 1
+  end
+end
+
+-- 5. The counts it changes, read (one HMGET, which also proves counts a hash). A counter
 -- that is not an integer is repaired first, on this rare path only.
 local names = {}
 for f in pairs(change) do names[#names + 1] = f end
@@ -206,7 +274,7 @@ if not sound then
 end
 local held = {refresh = tonumber(found[1]) or 0, processing = tonumber(found[2]) or 0}
 
--- 5. The pending limits, as the batch would leave them: a replacement frees its old slot,
+-- 6. The pending limits, as the batch would leave them: a replacement frees its old slot,
 -- and only a class the batch makes fuller than it was can be refused, at the first request
 -- of the batch that goes over.
 local limit = {refresh = tonumber(argv[1]), processing = tonumber(argv[2])}
@@ -229,7 +297,7 @@ if over then
   end
 end
 
--- 6. Continued-processing requests that must start now need a free slot each.
+-- 7. Continued-processing requests that must start now need a free slot each.
 if starts then
   local needed, asked = {}, {}
   for _, start in ipairs(starts) do
@@ -245,7 +313,7 @@ if starts then
   end
 end
 
--- 7. The sorted sets written below hold their type (or nothing): proven by a ZCARD each,
+-- 8. The sorted sets written below hold their type (or nothing): proven by a ZCARD each,
 -- but the first profile's sched, proven by its ZADD, the first write. `moved`: profiles an
 -- old pending request leaves, whose due entry is recomputed.
 local moved = {}
@@ -253,20 +321,22 @@ for _, o in pairs(old or NONE) do
   local place = o['s'] == 'pending' and o['r'] or o['s']
   if o['s'] == 'pending' then
     moved[place] = true
-    if probe('ZCARD', due(place)) == nil then return foreign(due(place)) end
+    if attempt('ZCARD', due(place)) == nil then return foreign(due(place)) end
   end
   local set = o['s'] == 'pending' and sched(place) or key(place)
-  if place ~= first and probe('ZCARD', set) == nil then return foreign(set) end
+  if place ~= first and attempt('ZCARD', set) == nil then return foreign(set) end
 end
 for p in pairs(entries) do
-  if p ~= first and probe('ZCARD', sched(p)) == nil then return foreign(sched(p)) end
-  if not moved[p] and probe('ZCARD', due(p)) == nil then return foreign(due(p)) end
+  if p ~= first and attempt('ZCARD', sched(p)) == nil then return foreign(sched(p)) end
+  if not moved[p] and attempt('ZCARD', due(p)) == nil then return foreign(due(p)) end
 end
 local dl = key('deadletter')
 if strays and wrong_type({[dl] = 'list'}) then return foreign(dl) end
 
--- 8. Write.
-if not in_chunks('ZADD', sched(first), entries[first], 2) then return foreign(sched(first)) end
+-- 9. Write.
+if first and not in_chunks('ZADD', sched(first), entries[first], 2) then
+  return foreign(sched(first))
+end
 for _, stray in ipairs(strays or NONE) do
   dead_letter(dl, REQ .. ' ' .. stray[1], stray[2] .. '; replaced by a submit', stray[3])
 end
@@ -310,5 +380,11 @@ for n, f in ipairs(names) do
   end
 end
 if #counts > 0 then in_chunks('HSET', COUNTS, counts, 2) end
-redis.call('PUBLISH', argv[4], argv[5])
+if direct then  -- beat has nothing to do for it: no wake-up
+  redis.call('SET', direct.seq, direct.gen)
+  redis.call('ZADD', direct.leases, now + tonumber(argv[10]), scope .. '\31' .. argv[order[1]])
+  redis.call('LPUSH', direct.list, direct.message)
+else
+  redis.call('PUBLISH', argv[4], argv[5])
+end
 return replaced
