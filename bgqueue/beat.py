@@ -302,7 +302,7 @@ class Beat:
         if self.metrics is not None:
             self.metrics.note_capable(app.app_id, view.routes, view.now)
         self._unpark(app, view)
-        self._write_routes(app, view, found.lane)
+        self._write_routes(app, view)
         profiles = sorted(view.routes)
         self._served[app.app_id] = profiles
         missing = [profile for profile in profiles if profile not in found.heads]
@@ -329,7 +329,7 @@ class Beat:
                     next_due = 0.0  # more is due behind this batch: come back at once
         return max(0.0, next_due)
 
-    def _write_routes(self, app: keys.AppKeys, view: View, lane: int) -> None:
+    def _write_routes(self, app: keys.AppKeys, view: View) -> None:
         """Keep `routes` (keys.py) what this pass sees, writing only when it changed: a
         submit reads it to release a request due now itself. No live class, no key."""
         routes = {
@@ -337,8 +337,6 @@ class Beat:
             for profile, handlers in view.routes.items()
             for identifier, classes in handlers.items()
         }
-        if routes:
-            routes["#lane"] = str(lane)
         if self._routes.get(app.app_id) == routes:
             return
         with self.client.pipeline(transaction=True) as pipe:  # readers see old or new, whole

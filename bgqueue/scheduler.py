@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from bgqueue import tracing
+from bgqueue import efficiency, tracing
 from bgqueue.errors import (
     ImmediateRunIneligible,
     NotPermitted,
@@ -127,7 +127,7 @@ class Scheduler:
                 script_keys.append(app_keys.deadletter)
             elif place == "now":
                 script_keys += [app_keys.routes, app_keys.classlive, app_keys.seq]
-                script_keys.append(app_keys.leases)
+                script_keys += [app_keys.leases, *efficiency.cpu_keys(app_keys)]
             else:  # slots
                 script_keys += [app_keys.workers, app_keys.alive, app_keys.running]
                 script_keys += [app_keys.classes, app_keys.leases]

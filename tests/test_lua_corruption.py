@@ -87,7 +87,7 @@ class Driver:
         """Beat's routes, as a beat that sees the announced worker writes them: a request
         due now is then dispatched by its submit itself."""
         view = self.beat.view(self.keys)
-        self.beat._write_routes(self.keys, view, 0)
+        self.beat._write_routes(self.keys, view)
 
     def cancel(self) -> None:
         self.scheduler.cancel(ID)
@@ -366,7 +366,8 @@ def test_a_submit_dispatches_a_request_due_now_itself_over_sound_keys(redis_url:
         d.submit()
         record = d.record()
         assert record["s"] == "dispatched", record
-        queue = d.keys.class_queue(record["q"])
+        # kombu's list of the normal lane (efficiency.NORMAL_LANE) of the class's queue
+        queue = f"{d.keys.class_queue(record['q'])}{AppKeys.KOMBU_SEP}3"
         message = json.loads(d.client.lindex(queue, 0))
         assert message["headers"]["task"] == ID
         assert d.served()

@@ -27,9 +27,8 @@ Per app (`bgqueue:{app}:...`):
                    conditions satisfy and the handlers their build registered.
   classlive        ZSET class id -> ms the heartbeat of its longest-lived worker lapses.
   routes           HASH "<profile>\x1f<identifier>" -> the live classes (space-separated)
-                   that satisfy the profile and have the handler, and '#lane' -> the Celery
-                   priority the app's requests go out with: beat's view, written when it
-                   changes, so that a submit can release a request due now itself.
+                   that satisfy the profile and have the handler: beat's view, written
+                   when it changes, so that a submit can dispatch a request due now itself.
   expire           SET request ids whose expiration was simulated, until their watchdog sees it.
   deadletter       LIST of JSON entries, newest first, capped: data met in the app's keys
                    or queues that bgqueue could not read (bgqueue/broker/deadletter.py).

@@ -166,7 +166,8 @@ class BeatMetrics(Collector):
         self.registry = CollectorRegistry(auto_describe=True)
         self.lateness = Histogram(
             "bgqueue_dispatch_lateness_seconds",
-            "Claim time minus the later of earliest-begin and when a capable worker was live.",
+            "Claim time minus the later of earliest-begin and when a capable worker was live, "
+            "of beat's claims (a request a submit dispatches itself is not late).",
             ["app"],
             buckets=LATENESS_BUCKETS,
             registry=self.registry,

@@ -20,8 +20,9 @@
 --                 slots         workers, alive, running, classes, leases: read only, to find
 --                               free slots for the continued-processing requests with
 --                               strategy FAIL, which must start now
---                 now           routes, classlive, seq, leases: to dispatch a request due
---                               now from here (pass 4; a batch of one request only)
+--                 now           routes, classlive, seq, leases, and the app's two CPU
+--                               efficiency keys (efficiency.cpu_keys): to dispatch a
+--                               request due now from here (pass 4; one request only)
 -- ARGV[1], [2]  max pending refresh, processing requests per scope
 -- ARGV[3]       scope
 -- ARGV[4], [5]  beat's wake channel and the app id to publish there once accepted
@@ -104,7 +105,7 @@ else
   for place in string.gmatch(argv[6], '%S+') do
     local p = tonumber(place)
     at[p or place] = n
-    n = n + ((p and 2) or (place == 'slots' and 5) or (place == 'now' and 4) or 1)
+    n = n + ((p and 2) or (place == 'slots' and 5) or (place == 'now' and 6) or 1)
   end
 end
 local FIRST = at['now'] and 11 or 7  -- ARGV index of the first request
@@ -208,8 +209,8 @@ local direct
 local function dispatch_here(id)
   local n = at['now']
   local routes, live, seq_key, leases = KEYS[n], KEYS[n + 1], KEYS[n + 2], KEYS[n + 3]
-  local route = attempt('HMGET', routes, p .. '\31' .. id, '#lane')
-  if not route or not route[1] then return nil end
+  local route = attempt('HGET', routes, p .. '\31' .. id)
+  if not route then return nil end
   local heads = attempt('ZRANGEBYSCORE', due(p), '-inf', now, 'LIMIT', 0, 2)
   if not heads then return nil end
   for _, other in ipairs(heads) do
@@ -225,16 +226,18 @@ local function dispatch_here(id)
   local seq = attempt('GET', seq_key)
   if seq == nil or (seq and not string.match(seq, '^%d+$')) then return nil end
   if attempt('ZCARD', leases) == nil then return nil end
-  local gen = (tonumber(seq) or now) + 1  -- a new counter starts above any (claim.lua)
+  local gen = (tonumber(seq) or 0) + 1
   local classes = {}
-  for class in string.gmatch(route[1], '%S+') do classes[#classes + 1] = class end
+  for class in string.gmatch(route, '%S+') do classes[#classes + 1] = class end
   for i = 0, #classes - 1 do  -- from the generation's turn on, as claim.lua spreads them
     local class = classes[(gen + i) % #classes + 1]
     local lapses = attempt('ZSCORE', live, class)
     if lapses and tonumber(lapses) > now then
       local requires = {json = argv[8], repr = argv[9]}
       local queue = 'bgqueue.' .. argv[5] .. '.class.' .. class
-      local list, message = run_message(id, argv[7], scope, gen, requires, queue, route[2] or 0)
+      -- While the app holds CPU, the priority lane (efficiency.PRIORITY_LANE, NORMAL_LANE).
+      local lane = redis.call('EXISTS', KEYS[n + 4], KEYS[n + 5]) > 0 and 0 or 3
+      local list, message = run_message(id, argv[7], scope, gen, requires, queue, lane)
       if attempt('LLEN', list) == nil then return nil end
       return {seq = seq_key, gen = gen, class = class, leases = leases, list = list,
               message = message}
