@@ -437,7 +437,7 @@ def test_celery_report_loads_the_documented_app_path() -> None:
     assert f"broker_url: 'redis://:********@127.0.0.1:{port}/0'" in done.stdout
     assert "s3cret" not in done.stdout + done.stderr
     # The sample app's own Celery config, not a default app's.
-    assert "worker_consumer: 'bgqueue.worker:Consumer'" in done.stdout
+    assert "worker_consumer: 'bgqueue.worker.intake:Consumer'" in done.stdout
     # A wrong attribute path fails: exit 0 above means the dotted path resolved.
     wrong = subprocess.run(
         [sys.executable, "-m", "celery", "-A", f"{SAMPLE_APP}.no_such_attr", "report"],

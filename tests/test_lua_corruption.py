@@ -31,7 +31,7 @@ from bgqueue.broker import deadletter
 from bgqueue.errors import BackgroundTaskError
 from bgqueue.model.keys import AppKeys
 from bgqueue.model.requests import Kind, State
-from bgqueue.worker import worker_class
+from bgqueue.worker.heartbeat import worker_class
 
 APP_ID = "com.bgqueue.corrupt"
 ID = f"{APP_ID}.job"

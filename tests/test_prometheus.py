@@ -355,3 +355,8 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
         condition = s["metric"]["condition"]
         by_condition[condition] = by_condition.get(condition, 0) + float(s["value"][1])
     assert by_condition["network"] == by_condition["external_power"] == 2, by_condition
+    print("\nWhat Prometheus answered each dashboard query (series; the first one):")
+    for title, series in results.items():
+        first = series[0]
+        labels = {k: v for k, v in first["metric"].items() if k not in ("instance", "job")}
+        print(f"  {title}: {len(series)}; {labels} = {first['value'][1]}")

@@ -211,6 +211,9 @@ def test_run_span_links_to_the_producer_span_with_outcome_expiration_and_delay_e
         (own,) = wait_span(spans_path, name)
         assert own["parent_id"] == run["context"]["span_id"], name
         assert own["context"]["trace_id"] == run["context"]["trace_id"], name
+    shown = ("name", "kind", "context", "links", "attributes", "events")
+    for span in (submitted, run):  # the trace, for a reader of `pytest -s`
+        print("\n" + json.dumps({key: span[key] for key in shown if key in span}, indent=1))
 
 
 def test_with_celery_instrumentation_the_run_span_is_a_child_of_celerys_task_span(

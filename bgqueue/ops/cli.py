@@ -114,7 +114,7 @@ def worker(
     metrics_address: str,
 ) -> None:
     """Run a worker for an app's registered handlers."""
-    from bgqueue.worker import CONDITIONS_ENV, CONTINUOUS_ENV, NAME_ENV
+    from bgqueue.worker.heartbeat import CONDITIONS_ENV, CONTINUOUS_ENV, NAME_ENV
 
     os.environ[CONTINUOUS_ENV] = "1" if continuous else "0"
     overrides = parse_overrides(conditions)
