@@ -6,6 +6,7 @@ replaced request never coexists with its replacement.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -103,9 +104,8 @@ class Scheduler:
             return None
         if len(batch) == 1 and "slots" not in places and begin <= time.time() * 1000:
             # Due now: the script may dispatch it itself (its pass 4), with this message id.
-            names = requirement_names(profile)
             lease_ms = int(self.app.settings.dispatch_lease * 1000)
-            message = [str(uuid.uuid4()), json.dumps(names), repr(names), lease_ms]
+            message = [str(uuid.uuid4()), *_requires_text(profile), lease_ms]
             args[_REQUESTS:_REQUESTS] = message
             places.add("now")
         return self._placed(args, list(places))
@@ -274,6 +274,14 @@ def _runs(raw: bytes, scope: str, identifier: str) -> bool:
         return bool(record["sc"] == scope and record["i"] == identifier)
     except (ValueError, KeyError, TypeError):
         return False
+
+
+@functools.cache
+def _requires_text(profile: int) -> tuple[str, str]:
+    """A profile's requirement names as JSON and as Python's repr, as a run message's
+    kwargs carry them (submit.lua writes the message of a request it dispatches)."""
+    names = requirement_names(profile)
+    return json.dumps(names), repr(names)
 
 
 def _copies(raw: dict[bytes, bytes]) -> list[BGTaskRequest]:
